@@ -1,0 +1,222 @@
+"""Typed run configuration: YAML -> pydantic models, ``--set a.b=c`` overrides, unknown keys rejected with a hint.
+
+The root ``RunConfig`` holds the run settings, the source to ingest, the ordered list of stages, and one section per
+stage under ``stages:``. Each stage section is validated by that stage's own ``Config`` model (see stages/__init__.py),
+so every key anywhere in the file is checked before anything runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .stage import StageConfig
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"  # source checkout; installed: gmner_pipeline/configs
+
+
+class ConfigError(ValueError):
+    """The config cannot be used; the message says where and what to do."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- sources ---------------------------------------------------------------------------------------------------------
+
+class TwitterGmnerSource(_Strict):
+    """Twitter-GMNER layout: ``<path>/txt/{split}.txt`` (CoNLL with IMGID lines) and ``<path>/xml/<id>.xml``."""
+
+    kind: Literal["twitter_gmner"] = "twitter_gmner"
+    path: str = Field(..., description="folder holding txt/ and xml/")
+    splits: list[str] = Field(default_factory=lambda: ["train"])
+    image_dir: str | None = Field(None, description="folder with <IMGID>.jpg; optional (annotations-only ingest)")
+    name: str = "twitter-gmner-v2"
+    limit: int | None = Field(None, ge=1, description="ingest only the first N samples per split (for trials)")
+
+
+class SampleSource(_Strict):
+    """The small sample that ships inside the package (photos materialised from scikit-image / matplotlib)."""
+
+    kind: Literal["sample"] = "sample"
+    name: str = "gmner-sample"
+    limit: int | None = Field(None, ge=1)
+
+
+class ConllSource(_Strict):
+    """A text-only CoNLL BIO file (token<TAB or space>label per line), with a label mapping to the target types."""
+
+    kind: Literal["conll"] = "conll"
+    path: str
+    name: str = "conll"
+    split: str = "train"
+    label_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="source label -> target coarse type; labels mapped to '' or missing (when strict_labels is false) "
+        "are dropped from the entity list",
+    )
+    strict_labels: bool = Field(False, description="error on a label that label_map does not cover")
+    max_tokens: int | None = Field(None, ge=1, description="drop longer sentences at ingest (VKEL: 26)")
+    limit: int | None = Field(None, ge=1)
+
+
+Source = Annotated[Union[TwitterGmnerSource, SampleSource, ConllSource], Field(discriminator="kind")]
+
+
+# --- run -------------------------------------------------------------------------------------------------------------
+
+class RunSettings(_Strict):
+    output_dir: str = Field("gmner-output", description="where shards, markers, the resolved config and reports go")
+    shard_size: int = Field(256, ge=1, description="records per shard: the unit of work and of recovery")
+    seed: int = 0
+    ray_address: str | None = Field(None, description="join an existing Ray cluster (else RAY_ADDRESS, else local)")
+    num_cpus: float | None = Field(None, description="CPUs for a local Ray instance (default: all)")
+    object_store_memory: int | None = Field(None, description="bytes for a local Ray object store")
+    progress: bool = True
+
+
+class RunConfig(_Strict):
+    run: RunSettings = Field(default_factory=RunSettings)
+    source: Source = Field(default_factory=SampleSource)
+    pipeline: list[str] = Field(default_factory=lambda: ["template_cot"], description="stages to run, in order")
+    stages: dict[str, Any] = Field(default_factory=dict, description="one section per stage, validated by the stage")
+    llm: dict[str, Any] = Field(default_factory=dict, description="LLM endpoints per role (see docs/llm.md)")
+
+    @field_validator("pipeline")
+    @classmethod
+    def _known_stages(cls, names: list[str]) -> list[str]:
+        from gmner_pipeline.stages import STAGES
+
+        for name in names:
+            if name not in STAGES:
+                raise ValueError(f"unknown stage {name!r}{_did_you_mean(name, STAGES)}; known: {sorted(STAGES)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"a stage appears twice in pipeline: {names}")
+        return names
+
+    @model_validator(mode="after")
+    def _validate_stage_sections(self) -> "RunConfig":
+        from gmner_pipeline.stages import STAGES, load_stage
+
+        validated: dict[str, Any] = {}
+        for name, section in self.stages.items():
+            if name not in STAGES:
+                raise ValueError(f"stages.{name}: no such stage{_did_you_mean(name, STAGES)}; known: {sorted(STAGES)}")
+            model = load_stage(name).Config
+            validated[name] = section if isinstance(section, StageConfig) else model.model_validate(section or {})
+        for name in self.pipeline:
+            if name not in validated:
+                validated[name] = load_stage(name).Config()
+        self.stages = validated
+        return self
+
+    def stage_config(self, name: str) -> StageConfig:
+        return self.stages[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        data["stages"] = {k: v.model_dump(mode="json") for k, v in self.stages.items()}
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --- loading ---------------------------------------------------------------------------------------------------------
+
+def _did_you_mean(name: str, choices: Any) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], value parsed as YAML, so 3 -> int, true -> bool, [a,b] -> list)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set run.shard_size=128")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return data
+
+
+def bundled_config_path(name: str) -> Path:
+    """A config shipped in configs/ (works from a checkout and from an installed package)."""
+    import gmner_pipeline.configs as pkg
+
+    stem = name[:-5] if name.endswith(".yaml") else name
+    path = Path(pkg.__file__).resolve().parent / f"{stem}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"no bundled config {name!r}; bundled: {known}")
+    return path
+
+
+def resolve_config_path(spec: str | None) -> Path | None:
+    if spec is None:
+        return None
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if "/" not in spec and not spec.endswith((".yml",)):
+        return bundled_config_path(spec)
+    raise ConfigError(f"config file {spec!r} not found")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (a path, or the name of a bundled one; None = built-in defaults) and apply overrides."""
+    data: dict[str, Any] = {}
+    resolved = resolve_config_path(str(path)) if path is not None else None
+    if resolved is not None:
+        try:
+            data = yaml.safe_load(resolved.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{resolved}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{resolved}: the top level must be a mapping")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, resolved)) from None
+
+
+def _explain(exc: ValidationError, path: Path | None) -> str:
+    where = f" in {path}" if path else ""
+    lines = [f"invalid config{where}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key (remove it, or check the spelling against the docs in README)")
+        else:
+            lines.append(f"  {loc or '(root)'}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def stable_hash(payload: Any, length: int = 16) -> str:
+    """sha256 of a JSON-serialisable payload, canonicalised (sorted keys), first ``length`` hex digits."""
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]

@@ -1,0 +1,1 @@
+"""Trainer: LoRA SFT (MRSI) and GRPO (CVO) on the pipeline's shards."""
