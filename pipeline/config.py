@@ -63,7 +63,6 @@ class ConllSource(_Strict):
         "are dropped from the entity list",
     )
     strict_labels: bool = Field(False, description="error on a label that label_map does not cover")
-    max_tokens: int | None = Field(None, ge=1, description="drop longer sentences at ingest (VKEL: 26)")
     limit: int | None = Field(None, ge=1)
 
 
