@@ -17,6 +17,7 @@ class ConllBlock:
     header: str | None  # e.g. "IMGID:71044" for Twitter-GMNER, None for plain CoNLL
     tokens: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)  # 1-based line of each token
     errors: list[str] = field(default_factory=list)
 
 
@@ -60,11 +61,13 @@ def read_conll_blocks(path: str | Path, header_prefix: str | None = None) -> Ite
                 continue
             block.tokens.append(parts[0])
             block.labels.append(parts[-1].strip())
+            block.lines.append(lineno)
     if block is not None and (block.tokens or block.header):
         yield block
 
 
-def bio_spans(labels: list[str], where: str = "") -> tuple[list[Span], list[str]]:
+def bio_spans(labels: list[str], path: str | None = None, lines: list[int] | None = None
+              ) -> tuple[list[Span], list[str]]:
     """BIO (also IOB1/BIOES-tolerant for S-/E-) labels -> spans, plus errors for malformed sequences.
 
     An ``I-X`` that does not continue an ``X`` entity is malformed: it is reported, and (as conlleval does) read as
@@ -72,6 +75,10 @@ def bio_spans(labels: list[str], where: str = "") -> tuple[list[Span], list[str]
     """
     spans: list[Span] = []
     errors: list[str] = []
+
+    def where(i: int) -> str:
+        return f"{path}:{lines[i]}: " if path and lines else f"token {i + 1}: "
+
     cur: list | None = None  # [start, end, label]
     for i, lab in enumerate(labels):
         if lab == "O":
@@ -79,12 +86,12 @@ def bio_spans(labels: list[str], where: str = "") -> tuple[list[Span], list[str]
             continue
         prefix, sep, name = lab.partition("-")
         if not sep or prefix not in {"B", "I", "S", "E"} or not name:
-            errors.append(f"{where}token {i + 1}: label {lab!r} is not O, B-X or I-X")
+            errors.append(f"{where(i)}label {lab!r} is not O, B-X or I-X")
             cur = None
             continue
         if prefix in {"B", "S"} or cur is None or cur[2] != name:
             if prefix in {"I", "E"}:
-                errors.append(f"{where}token {i + 1}: {lab!r} does not continue an entity of type {name}")
+                errors.append(f"{where(i)}{lab!r} does not continue an entity of type {name}")
             cur = [i, i + 1, name]
             spans.append(cur)  # type: ignore[arg-type]
         else:

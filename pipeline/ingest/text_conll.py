@@ -37,7 +37,7 @@ def read_text_conll(path: str | Path, *, label_map: Mapping[str, str], source: s
         if limit is not None and n >= limit:
             return
         where = f"{block.path}:{block.line}: "
-        spans, errors = bio_spans(block.labels, where=where)
+        spans, errors = bio_spans(block.labels, block.path, block.lines)
         errors = list(block.errors) + errors
         entities = []
         for span in spans:

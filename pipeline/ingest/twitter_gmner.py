@@ -44,7 +44,7 @@ def read_twitter_gmner(root: str | Path, split: str, *, source: str = "twitter-g
 def tweet_record(block, image_key: str, record_key: str, split: str, source: str, root: Path,
                  image_dir: str | Path | None) -> dict[str, Any]:
     errors = list(block.errors)
-    spans, bio_errors = bio_spans(block.labels, where=f"{block.path}:{block.line}: ")
+    spans, bio_errors = bio_spans(block.labels, block.path, block.lines)
     errors += bio_errors
     tokens = block.tokens
     entities = [
@@ -60,7 +60,9 @@ def tweet_record(block, image_key: str, record_key: str, split: str, source: str
         errors += ann.errors
         width, height = ann.width, ann.height
         by_text: dict[str, list] = defaultdict(list)
+        first_line: dict[str, int] = {}
         for obj in ann.objects:
+            first_line.setdefault(obj.name, obj.line)
             problem = box_problem(obj.box, width, height)
             if problem:
                 errors.append(f"{xml_path}:{obj.line}: object {obj.name!r}: {problem}")
@@ -69,7 +71,7 @@ def tweet_record(block, image_key: str, record_key: str, split: str, source: str
         texts = {e["text"] for e in entities}
         for name in by_text:
             if name not in texts:
-                errors.append(f"{xml_path}: object {name!r} matches no entity of the tweet "
+                errors.append(f"{xml_path}:{first_line[name]}: object {name!r} matches no entity of the tweet "
                               f"({block.path}:{block.line}); entities: {sorted(texts)}")
         for ent in entities:
             ent["boxes"] = by_text.get(ent["text"], [])
