@@ -1,0 +1,64 @@
+import pytest
+
+from gmner_pipeline.config import ConfigError, load_config
+from gmner_pipeline.plan import plan_run, stages_for_command
+
+
+def cfg(tmp_path, *sets, path=None):
+    return load_config(path, [f"run.output_dir={tmp_path / 'out'}", "pipeline=[passthrough]", *sets])
+
+
+def test_defaults_validate_and_overrides_are_typed(tmp_path):
+    c = cfg(tmp_path, "run.shard_size=7", "stages.passthrough.sleep_per_record=0.5")
+    assert c.run.shard_size == 7
+    assert c.stage_config("passthrough").sleep_per_record == 0.5
+    assert c.source.kind == "sample"
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("run.shard_sise=3", "run.shard_sise: unknown key"),
+    ("stages.passthrough.sleep=1", "sleep: unknown key"),
+    ("stages.passthrugh.sleep_per_record=1", "did you mean 'passthrough'"),
+    ("pipeline=[tempalte_cot]", "did you mean 'template_cot'"),
+    ("run.shard_size=0", "greater than or equal to 1"),
+    ("source.kind=nope", "source"),
+])
+def test_bad_config_is_rejected_with_a_helpful_message(tmp_path, override, needle):
+    with pytest.raises(ConfigError) as exc:
+        cfg(tmp_path, override)
+    assert needle in str(exc.value)
+
+
+def test_bad_set_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        cfg(tmp_path, "run.shard_size")
+
+
+def test_yaml_file_and_unknown_bundled_name(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  shard_size: 9\npipeline: [passthrough]\n")
+    assert load_config(str(path)).run.shard_size == 9
+    with pytest.raises(ConfigError, match="no bundled config"):
+        load_config("no_such_config")
+
+
+def test_stage_keys_change_exactly_downstream_of_a_change(tmp_path):
+    plugin = "gmner_pipeline.stages.passthrough:PassthroughStage"
+    base = [f"pipeline=[passthrough, '{plugin}']"]
+    a = plan_run(cfg(tmp_path, *base))
+    same = plan_run(cfg(tmp_path, *base))
+    resources_only = plan_run(cfg(tmp_path, *base, "stages.passthrough.resources.pool_size=4"))
+    assert [s.key for s in a.stages] == [s.key for s in same.stages] == [s.key for s in resources_only.stages]
+    first_changed = plan_run(cfg(tmp_path, *base, "stages.passthrough.sleep_per_record=0.1"))
+    assert first_changed.ingest.key == a.ingest.key
+    assert all(x.key != y.key for x, y in zip(first_changed.stages, a.stages))  # it and everything after it
+    shard_size = plan_run(cfg(tmp_path, *base, "run.shard_size=3"))
+    assert shard_size.ingest.key != a.ingest.key
+    assert a.stages[0].dir == tmp_path / "out" / "passthrough" / a.stages[0].key
+
+
+def test_stages_for_command(tmp_path):
+    c = cfg(tmp_path, "pipeline=[passthrough, template_cot]")
+    assert stages_for_command(c, None) == ["passthrough", "template_cot"]
+    assert stages_for_command(c, "passthrough") == ["passthrough"]
+    assert stages_for_command(c, "retrieve") == ["retrieve"]
