@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -79,6 +80,8 @@ class RunSettings(_Strict):
     num_cpus: float | None = Field(None, description="CPUs for a local Ray instance (default: all)")
     object_store_memory: int | None = Field(None, description="bytes for a local Ray object store")
     progress: bool = True
+    shard_attempts: int = Field(3, ge=1, description="driver-level tries per shard before it is reported as failed")
+    actor_restarts: int = Field(3, ge=0, description="Ray restarts of a dead stage worker (each retries its shard)")
 
 
 class RunConfig(_Strict):
@@ -136,11 +139,12 @@ def _did_you_mean(name: str, choices: Any) -> str:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a","b","c"], value parsed as YAML, so 3 -> int, true -> bool, [a,b] -> list)."""
+    """``a.b.c=value`` -> (["a","b","c"], value parsed as YAML, so 3 -> int, true -> bool, [a,b] -> list).
+    A key holding dots (a plugin stage's name) goes in brackets: ``stages[my_pkg.stages:MyStage].batch_size=8``."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set run.shard_size=128")
     key, raw = item.split("=", 1)
-    path = [p for p in key.strip().split(".") if p]
+    path = [a or b for a, b in re.findall(r"\[([^\]]+)\]|([^.\[\]]+)", key.strip())]
     if not path:
         raise ConfigError(f"--set {item!r}: empty key")
     try:

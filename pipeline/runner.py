@@ -5,7 +5,7 @@ shards. Each actor writes and commits its own output shard (see shards.py), so t
 records. Recovery:
 
 * a worker process that dies is restarted by Ray and its shard is retried (``max_restarts`` / ``max_task_retries``);
-  when Ray gives up, the driver replaces the actor and tries the shard again, up to ``SHARD_ATTEMPTS`` times;
+  when Ray gives up, the driver replaces the actor and tries the shard again (``run.shard_attempts`` in all);
 * a killed driver loses nothing committed: the rerun skips every shard whose commit marker exists;
 * a shard that still fails is reported (stage, shard, error) and the run goes on with the others; the command
   exits non-zero and a rerun picks the failed shards up.
@@ -32,9 +32,6 @@ from .shards import MANIFEST, committed_indices, read_markers, remove_stale_temp
 from .stage import StageContext
 
 log = logging.getLogger(__name__)
-
-SHARD_ATTEMPTS = 3  # driver-level attempts per shard, on top of Ray's own task retries
-
 
 class RunLockedError(RuntimeError):
     pass
@@ -150,10 +147,10 @@ def ray_session(config: RunConfig) -> Iterator[Any]:
 class _Pool:
     """The actors of one stage, with how many shards each has in flight."""
 
-    def __init__(self, ray: Any, stage: StagePlan, context: dict[str, Any]):
+    def __init__(self, ray: Any, stage: StagePlan, context: dict[str, Any], restarts: int):
         res = stage.config.resources
         self._factory = ray.remote(ShardActor).options(
-            num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=3, max_task_retries=3,
+            num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=restarts, max_task_retries=restarts,
         )
         self._args = (stage.name, stage.config.model_dump(mode="json"), context)
         self.max_in_flight = res.max_in_flight
@@ -215,7 +212,7 @@ def execute(plan: RunPlan, config: RunConfig, run_id: str, num_shards: int,
                         ctx = StageContext(run_id=run_id, stage_key=stages[k].key, config_hash=config_hash,
                                            seed=config.run.seed, output_dir=str(plan.output_dir),
                                            run_config=config.to_dict())
-                        pools[k] = _Pool(ray, stages[k], ctx.model_dump())
+                        pools[k] = _Pool(ray, stages[k], ctx.model_dump(), config.run.actor_restarts)
                         progress[stages[k].name].started = time.perf_counter()
                     slot = pools[k].free_slot()
                     if slot is None:
@@ -246,9 +243,9 @@ def execute(plan: RunPlan, config: RunConfig, run_id: str, num_shards: int,
                     actor_died = isinstance(exc, (ray.exceptions.RayActorError,))
                     if actor_died:
                         pool.replace(slot)
-                    if n < SHARD_ATTEMPTS:
+                    if n < config.run.shard_attempts:
                         log.warning("%s shard %d failed (attempt %d/%d): %s; retrying", stages[k].name, shard, n,
-                                    SHARD_ATTEMPTS, _short(exc))
+                                    config.run.shard_attempts, _short(exc))
                         ready[k].appendleft(shard)
                     else:
                         log.error("%s shard %d failed %d times, giving up for this run: %s", stages[k].name, shard,

@@ -1,0 +1,163 @@
+"""The runner on a real local Ray instance: pipelining, reuse through stage keys, and exactly-once under kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from conftest import write_gmner_dataset
+from gmner_pipeline import runner
+from gmner_pipeline.config import load_config
+from gmner_pipeline.shards import SHARD_GLOB, committed_indices, read_records
+
+pytestmark = pytest.mark.integration
+PLUGIN = "gmner_pipeline.stages.passthrough:PassthroughStage"  # the same stage under a second name
+
+
+def config(tmp_path: Path, n: int = 24, shard_size: int = 5, **stage_opts):
+    data = write_gmner_dataset(tmp_path / "data", n)
+    raw = {
+        "run": {"output_dir": str(tmp_path / "out"), "shard_size": shard_size, "progress": False},
+        "source": {"kind": "twitter_gmner", "path": str(data)},
+        "pipeline": ["passthrough", PLUGIN],
+        "stages": {"passthrough": stage_opts, PLUGIN: {}},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def final_ids(stage_dir: Path) -> Counter:
+    ids: Counter = Counter()
+    for path in stage_dir.glob(SHARD_GLOB):
+        ids.update(r["id"] for r in read_records(path, columns=["id"]))
+    return ids
+
+
+def expected_ids(n: int) -> Counter:
+    return Counter(f"twitter-gmner-v2/train/{1000 + i}" for i in range(n))
+
+
+def test_two_stages_rerun_and_partial_recompute(tmp_path, ray_local):
+    path = config(tmp_path)
+    result = runner.run(load_config(str(path)))
+    assert result.ok and result.ingest["num_shards"] == 5
+    first, second = result.plan.stages
+    assert final_ids(second.dir) == expected_ids(24)
+    assert [result.stages[s.name].processed_now for s in result.plan.stages] == [5, 5]
+    out = tmp_path / "out"
+    assert (out / "config.yaml").is_file() and json.loads((out / "latest.json").read_text())["ok"]
+
+    again = runner.run(load_config(str(path)))  # unchanged config: nothing recomputed
+    assert [again.stages[s.name].processed_now for s in again.plan.stages] == [0, 0]
+
+    changed = runner.run(load_config(str(path), [f"stages[{PLUGIN}].batch_size=2"]))  # only the 2nd stage changes
+    assert [changed.stages[s.name].processed_now for s in changed.plan.stages] == [0, 5]
+    assert changed.plan.stages[0].dir == first.dir and changed.plan.stages[1].dir != second.dir
+    assert final_ids(changed.plan.stages[1].dir) == expected_ids(24)
+
+
+def _actor_workers() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "name"]):
+        text = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["name"] or "")
+        if "ray::ShardActor" in text:
+            found.append(proc)
+    return found
+
+
+def test_killing_a_worker_mid_run_loses_and_duplicates_nothing(tmp_path, ray_local):
+    cfg = load_config(str(config(tmp_path, n=30, shard_size=3, sleep_per_record=0.05)))
+    plan_dir = tmp_path / "out" / "passthrough"
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline and not killed:
+            dirs = list(plan_dir.glob("*"))
+            if dirs and len(committed_indices(dirs[0])) >= 2:
+                for proc in _actor_workers():
+                    proc.kill()
+                    killed.append(proc.pid)
+                    break
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = runner.run(cfg)
+    thread.join(timeout=5)
+    assert killed, "the test never saw a stage worker to kill"
+    assert result.ok, result.failed
+    final = result.plan.stages[-1].dir
+    assert len(committed_indices(final)) == 10
+    assert final_ids(final) == expected_ids(30)  # every record exactly once
+
+
+def test_a_shard_that_keeps_crashing_is_reported_and_the_rest_completes(tmp_path, ray_local):
+    path = config(tmp_path, n=12, shard_size=4, crash_ids=["twitter-gmner-v2/train/1005"])
+    cfg = load_config(str(path), ["run.shard_attempts=2", "run.actor_restarts=0"])
+    result = runner.run(cfg)
+    assert not result.ok
+    assert [(stage, shard) for stage, shard, _ in result.failed] == [("passthrough", 1), (PLUGIN, 1)]
+    assert committed_indices(result.plan.stages[-1].dir) == {0, 2}
+    # the rerun (crash removed) picks up exactly the missing shard
+    fixed = runner.run(load_config(str(path), ["stages.passthrough.crash_ids=[]"]))
+    assert fixed.ok
+
+
+def _session_processes(sid: int) -> list[psutil.Process]:
+    procs = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid:
+                procs.append(proc)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return procs
+
+
+def test_killing_the_driver_then_rerunning_gives_every_record_once(tmp_path):
+    path = config(tmp_path, n=40, shard_size=4, sleep_per_record=0.05)
+    cli = [sys.executable, "-m", "gmner_pipeline.cli", "run", "--config", str(path)]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(cli, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    stage_root = tmp_path / "out" / "passthrough"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            dirs = list(stage_root.glob("*"))
+            if dirs and len(committed_indices(dirs[0])) >= 2:
+                break
+            assert proc.poll() is None, "the run ended before it could be interrupted"
+            time.sleep(0.05)
+        else:
+            pytest.fail("no shard was committed within 120 s")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        for orphan in _session_processes(proc.pid):  # the killed driver's local Ray processes
+            orphan.kill()
+    done_before = len(committed_indices(next(stage_root.glob("*"))))
+    assert done_before < 10
+
+    rerun = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    latest = json.loads((tmp_path / "out" / "latest.json").read_text())
+    assert latest["stages"]["passthrough"]["shards_processed_now"] == 10 - done_before
+    final = Path(latest["final_dir"])
+    assert len(committed_indices(final)) == 10
+    assert final_ids(final) == expected_ids(40)
+    assert not [p for p in final.iterdir() if ".tmp-" in p.name]
