@@ -21,7 +21,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Distributed data synthesis for Grounded Multimodal NER.")
 console = Console(stderr=True)
 
-CONFIG_HELP = "YAML config: a path, or the name of a bundled config (e.g. twitter_gmner). Default: the bundled sample."
+CONFIG_HELP = "YAML config: a path, or the name of a bundled config (e.g. twitter_gmner). Default: 'sample'."
+DEFAULT_CONFIG = "sample"  # the bundled sample: runs offline on a fresh machine
 SET_HELP = "Override a config value, e.g. --set run.shard_size=128 --set source.path=/data/gmner (repeatable)."
 
 
@@ -59,7 +60,7 @@ def run_command(
     if output:
         overrides.append(f"run.output_dir={output}")
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config or DEFAULT_CONFIG, overrides)
         stages = stages_for_command(cfg, None if target == "synthesize" else target)
     except ConfigError as exc:
         _fail(str(exc))

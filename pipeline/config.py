@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -189,6 +190,26 @@ def resolve_config_path(spec: str | None) -> Path | None:
     raise ConfigError(f"config file {spec!r} not found")
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: Any) -> Any:
+    """``${VAR}`` / ``${VAR:-default}`` in string values of a YAML config, so paths can be parameters."""
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            if m.group(1) in os.environ:
+                return os.environ[m.group(1)]
+            if m.group(2) is not None:
+                return m.group(2)
+            raise ConfigError(f"config refers to ${{{m.group(1)}}}, which is not set; export it or use --set")
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: expand_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v) for v in value]
+    return value
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config (a path, or the name of a bundled one; None = built-in defaults) and apply overrides."""
     data: dict[str, Any] = {}
@@ -200,7 +221,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{resolved}: not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{resolved}: the top level must be a mapping")
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(expand_env(data), overrides or [])
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
