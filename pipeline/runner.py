@@ -115,7 +115,10 @@ class ShardActor:
         self.processor = ShardProcessor(cls, cls.Config.model_validate(config), StageContext(**context))
 
     def process(self, index: int, in_path: str, out_dir: str) -> dict[str, Any]:
-        return self.processor.process(index, in_path, out_dir)
+        import ray
+
+        return self.processor.process(index, in_path, out_dir,
+                                      extra_stats={"node_id": ray.get_runtime_context().get_node_id()})
 
     def pid(self) -> int:
         return os.getpid()

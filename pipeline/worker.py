@@ -54,7 +54,8 @@ class ShardProcessor:
         self.context = context
         self.stage.setup()
 
-    def process(self, index: int, in_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    def process(self, index: int, in_path: str | Path, out_dir: str | Path,
+                extra_stats: dict[str, Any] | None = None) -> dict[str, Any]:
         """Process input shard ``index`` into ``out_dir``; returns the stats written to the commit marker."""
         t0 = time.perf_counter()
         records = read_records(in_path)
@@ -68,7 +69,7 @@ class ShardProcessor:
         stats = shard_stats(out, self.name)
         stats.update(stage=self.name, stage_key=self.context.stage_key, run_id=self.context.run_id, shard=index,
                      seconds=round(time.perf_counter() - t0, 3), host=socket.gethostname(), pid=os.getpid(),
-                     finished_at=time.time())
+                     finished_at=time.time(), **(extra_stats or {}))
         commit_shard(out_dir, index, stats)
         return stats
 
