@@ -1,4 +1,4 @@
-"""The ``gmner-pipeline`` command: run, status, show, stages (and eval, from the scoring package)."""
+"""The ``gmner-pipeline`` command: run, status, show, view, stages (and eval, from the scoring package)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Distributed data synthesis for Grounded Multimodal NER.")
 console = Console(stderr=True)
 
+
+def _stdout() -> Console:
+    """Tables printed to a pipe or a log get a generous width instead of the 80-column fallback."""
+    out = Console()
+    return out if out.is_terminal else Console(width=160)
+
 CONFIG_HELP = "YAML config: a path, or the name of a bundled config (e.g. twitter_gmner). Default: 'sample'."
 DEFAULT_CONFIG = "sample"  # the bundled sample: runs offline on a fresh machine
 SET_HELP = "Override a config value, e.g. --set run.shard_size=128 --set source.path=/data/gmner (repeatable)."
@@ -34,7 +40,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -112,7 +118,7 @@ def status_command(output_dir: Path = typer.Argument(..., help="The run's output
     from .report import OutputNotFound, status_table
 
     try:
-        Console().print(status_table(output_dir))
+        _stdout().print(status_table(output_dir))
     except OutputNotFound as exc:
         _fail(str(exc))
 
@@ -130,7 +136,25 @@ def show_command(
         rec = find_record(output_dir, record_id, stage)
     except (OutputNotFound, KeyError) as exc:
         _fail(str(exc).strip("'\""))
-    print_record(rec, Console())
+    print_record(rec, _stdout())
+
+
+@app.command("view")
+def view_command(
+    output_dir: Path = typer.Argument(..., help="The run's output folder."),
+    html_path: Optional[Path] = typer.Option(None, "--html", help="Where to write the page (default: <out>/view.html)."),
+    limit: int = typer.Option(50, help="How many records to show."),
+    stage: Optional[str] = typer.Option(None, help="Show records as that stage wrote them (default: the last)."),
+) -> None:
+    """Write an HTML page: per-stage counts and records with their image, gold and detector boxes, and chains."""
+    from .html_view import write_html
+    from .report import OutputNotFound
+
+    try:
+        path = write_html(output_dir, html_path, limit, stage)
+    except OutputNotFound as exc:
+        _fail(str(exc))
+    console.print(f"wrote {path}")
 
 
 @app.command("stages")
@@ -139,7 +163,7 @@ def stages_command() -> None:
     from gmner_pipeline.stages import STAGES
 
     for name, target in STAGES.items():
-        Console().print(f"{name:<14} {target}")
+        _stdout().print(f"{name:<14} {target}")
 
 
 def main() -> None:  # pragma: no cover - console entry point alternative

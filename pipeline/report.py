@@ -38,7 +38,8 @@ def status_table(output_dir: str | Path) -> Table:
     table = Table(title=f"{output_dir}  (run {latest['run_id']})", title_justify="left")
     for col in ("stage", "key", "shards", "records in", "ok", "dropped", "errors", "drops by reason",
                 "errors by stage"):
-        table.add_column(col, justify="right" if col in {"shards", "records in", "ok", "dropped", "errors"} else "left")
+        table.add_column(col, overflow="fold",
+                         justify="right" if col in {"shards", "records in", "ok", "dropped", "errors"} else "left")
     total_shards = latest["ingest"]["num_shards"]
     for entry in latest["chain"]:
         t = stage_totals(Path(entry["dir"]))
@@ -51,7 +52,7 @@ def status_table(output_dir: str | Path) -> Table:
 def summary_table(result: RunResult) -> Table:
     table = Table(title=f"run {result.run_id}: {result.seconds:.1f} s", title_justify="left")
     for col in ("stage", "shards done", "reused", "records in", "ok", "dropped", "errors", "records/s"):
-        table.add_column(col, justify="left" if col == "stage" else "right")
+        table.add_column(col, overflow="fold", justify="left" if col == "stage" else "right")
     ing = result.ingest
     table.add_row("ingest", f"{ing['num_shards']}/{ing['num_shards']}", "", str(ing["records_in"]),
                   str(ing["records_ok"]), "0", str(ing["records_error"]), "")

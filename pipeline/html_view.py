@@ -1,0 +1,113 @@
+"""A self-contained HTML page of a run's output: per-stage counts, and records with their image, gold boxes
+(green), detector boxes (blue), knowledge and reasoning chains. For looking, where reading Parquet is no fun."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from .report import load_latest
+from .runner import stage_totals
+from .schema import table_to_records
+from .shards import SHARD_GLOB
+
+THUMB = 480
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}
+.rec{border-top:2px solid #888;padding:1em 0;display:flex;gap:1.5em}.rec img{max-width:480px;border:1px solid #ccc}
+.ok{color:#070}.dropped{color:#a60}.error{color:#b00}pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em}
+.gold{color:#0a0;font-weight:bold}.det{color:#06c}
+"""
+
+
+def _iter_records(stage_dir: Path, limit: int) -> Iterator[dict[str, Any]]:
+    n = 0
+    for path in sorted(stage_dir.glob(SHARD_GLOB)):
+        for rec in table_to_records(pq.read_table(path)):
+            yield rec
+            n += 1
+            if n >= limit:
+                return
+
+
+def _thumbnail(rec: dict[str, Any]) -> str | None:
+    path = (rec.get("image") or {}).get("path")
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            scale = min(1.0, THUMB / max(im.size))
+            im = im.resize((max(1, int(im.width * scale)), max(1, int(im.height * scale))))
+    except OSError:
+        return None
+    draw = ImageDraw.Draw(im)
+    for det in (rec.get("detections") or {}).get("boxes") or []:
+        draw.rectangle([v * scale for v in det["box"]], outline=(0, 102, 204), width=2)
+        draw.text((det["box"][0] * scale + 2, det["box"][1] * scale + 2), det["label"], fill=(0, 102, 204))
+    for ent in rec.get("entities") or []:
+        for box in ent.get("boxes") or []:
+            draw.rectangle([v * scale for v in box], outline=(0, 170, 0), width=3)
+            draw.text((box[0] * scale + 3, box[3] * scale - 12), ent["text"], fill=(0, 170, 0))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _record_html(rec: dict[str, Any]) -> str:
+    e = html.escape
+    img = _thumbnail(rec)
+    left = f'<img src="{img}">' if img else "<p><i>no image on disk</i></p>"
+    rows = "".join(
+        f"<tr><td>{e(x['text'])}</td><td>{e(x['type'])}</td><td>{e(x.get('fine_type') or '')}</td>"
+        f"<td class='gold'>{e(' '.join(str([round(v) for v in b]) for b in x.get('boxes') or []) or ('not visible' if rec.get('grounding_labels') == 'present' else 'unknown'))}</td></tr>"
+        for x in rec.get("entities") or [])
+    parts = [f"<h3>{e(rec['id'])} <span class='{e(rec['status'])}'>{e(rec['status'])}"
+             f"{' (' + e(rec['drop_reason']) + ')' if rec.get('drop_reason') else ''}</span></h3>",
+             f"<p>{e(rec.get('text') or '')}</p>",
+             f"<table><tr><th>entity</th><th>type</th><th>fine type</th><th>gold boxes</th></tr>{rows}</table>"]
+    if rec.get("error"):
+        parts.append(f"<p class='error'>{e(rec['error'])}</p>")
+    det = rec.get("detections")
+    if det:
+        parts.append(f"<p class='det'>detections: {e(det.get('annotation_text') or '')}</p>")
+    for k in rec.get("knowledge") or []:
+        parts.append(f"<p><b>{e(k['entity'])}</b> ({e(k.get('fine_type') or k['type'])}): {e(k.get('knowledge') or '')}</p>")
+    for ch in (rec.get("cot") or {}).get("chains") or []:
+        parts.append(f"<details><summary>{e(ch['style'])} / {e(ch['route'])} — consistent: {ch.get('consistent')}"
+                     f"</summary><pre>{e(ch.get('think') or '')}\n\nanswer: {e(ch.get('answer') or '')}</pre></details>")
+    return f"<div class='rec'><div>{left}</div><div>{''.join(parts)}</div></div>"
+
+
+def render_html(output_dir: str | Path, limit: int = 50, stage: str | None = None) -> str:
+    latest = load_latest(output_dir)
+    chain = latest["chain"]
+    entry = next((c for c in chain if c["stage"] == stage), chain[-1]) if stage else chain[-1]
+    counts = []
+    for c in chain:
+        t = stage_totals(Path(c["dir"]))
+        reasons = ", ".join(f"{k}: {v}" for k, v in t["drop_reasons"].items()) or "-"
+        counts.append(f"<tr><td>{html.escape(c['stage'])}</td><td>{t['shards']}</td><td>{t['records_in']}</td>"
+                      f"<td>{t['records_ok']}</td><td>{t['records_dropped']}</td><td>{t['records_error']}</td>"
+                      f"<td>{html.escape(reasons)}</td></tr>")
+    body = "".join(_record_html(r) for r in _iter_records(Path(entry["dir"]), limit))
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>gmner-pipeline {html.escape(str(output_dir))}"
+            f"</title><style>{CSS}</style></head><body><h1>{html.escape(str(output_dir))}</h1>"
+            f"<p>run {html.escape(latest['run_id'])}; records below from stage <b>{html.escape(entry['stage'])}</b> "
+            f"(first {limit}). Green: gold boxes. Blue: detector boxes.</p>"
+            "<table><tr><th>stage</th><th>shards</th><th>records in</th><th>ok</th><th>dropped</th><th>errors</th>"
+            f"<th>drops by reason</th></tr>{''.join(counts)}</table>{body}</body></html>")
+
+
+def write_html(output_dir: str | Path, target: str | Path | None = None, limit: int = 50,
+               stage: str | None = None) -> Path:
+    target = Path(target) if target else Path(output_dir) / "view.html"
+    target.write_text(render_html(output_dir, limit, stage), encoding="utf-8")
+    return target
