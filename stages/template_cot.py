@@ -155,10 +155,11 @@ class ChainWriter:
         return self.draw.pick(self.common["conclusion_one"] if n == 1 else self.common["conclusion"]).format(n=n)
 
 
-def _visibility_key(m: Mention, visible: str, many: str, invisible: str) -> str:
+def visibility_key(m: Mention, prefix: str) -> str:
+    """The template key for a mention's visibility: ``<prefix>_visible``, ``_visible_many`` or ``_invisible``."""
     if not m.triple.visible:
-        return invisible
-    return many if len(m.triple.boxes or ()) > 1 else visible
+        return f"{prefix}_invisible"
+    return f"{prefix}_visible_many" if len(m.triple.boxes or ()) > 1 else f"{prefix}_visible"
 
 
 def think_entity_first(w: ChainWriter, mentions: list[Mention], type_first: bool) -> list[str]:
@@ -168,8 +169,8 @@ def think_entity_first(w: ChainWriter, mentions: list[Mention], type_first: bool
         v = w.values(i, m)
         lines.append(w.phrase(r, "header", **v))
         c_t = f"{w.tag('C_t')} {w.phrase(r, 'C_t', **v)}"
-        c_e = f"{w.tag('C_e')} {w.phrase(r, _visibility_key(m, 'C_e_visible', 'C_e_visible_many', 'C_e_invisible'), **v)}"
-        c_u = f"{w.tag('C_u')} {w.phrase(r, 'C_u_visible' if m.triple.visible else 'C_u_invisible', **v)}"
+        c_e = f"{w.tag('C_e')} {w.phrase(r, visibility_key(m, 'C_e'), **v)}"
+        c_u = f"{w.tag('C_u')} {w.phrase(r, visibility_key(m, 'C_u'), **v)}"
         lines.append(f"{w.tag('C_s')} {w.phrase(r, 'C_s', **v)}")
         lines += [c_t, c_e, c_u] if type_first else [c_e, c_u, c_t]
         lines.append(f"{w.tag('summary')} {w.summary(m)}")
@@ -188,9 +189,8 @@ def think_constraint_first(w: ChainWriter, mentions: list[Mention]) -> list[str]
         w.draw.pick(r["opening"]),
         step("C_s", "C_s", lambda m: "C_s_item", n_text="one entity" if n == 1 else f"{n} entities"),
         step("C_t", "C_t", lambda m: "C_t_item"),
-        step("C_e", "C_e", lambda m: _visibility_key(m, "C_e_item_visible", "C_e_item_visible_many",
-                                                     "C_e_item_invisible")),
-        step("C_u", "C_u", lambda m: "C_u_item_visible" if m.triple.visible else "C_u_item_invisible"),
+        step("C_e", "C_e", lambda m: visibility_key(m, "C_e_item")),
+        step("C_u", "C_u", lambda m: visibility_key(m, "C_u_item")),
         f"{w.tag('summary')} " + "; ".join(w.summary(m) for m in mentions),
     ]
 

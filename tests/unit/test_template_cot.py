@@ -212,3 +212,37 @@ def test_config_rejects_unknown_route_and_keys():
         TemplateCoTConfig(routes=["entity_first", "entity_first"])
     with pytest.raises(ValidationError):
         TemplateCoTConfig(chains=2)
+
+
+def test_template_files_only_use_known_placeholders():
+    from gmner_pipeline.prompts import load_yaml
+    from gmner_pipeline.stages.template_cot import COMMON_TEMPLATE, route_template
+
+    values = dict(text="t", entity="e", type="PER", type_desc="d", context="c", boxes="[1,2,3,4]", count=2, n=2,
+                  index=1, items="i", n_text="2 entities", location="None")
+
+    def strings(node):
+        if isinstance(node, str):
+            yield node
+        elif isinstance(node, dict):
+            for v in node.values():
+                yield from strings(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from strings(v)
+
+    for name in [COMMON_TEMPLATE] + [route_template(r) for r in ROUTES]:
+        for s in strings(load_yaml(name)):
+            s.format(**values)  # KeyError on a placeholder the stage does not fill
+
+
+def test_every_branch_of_every_route_renders():
+    single_multi_box = tweet(entities=[{"text": "NASA", "start": 10, "end": 11, "type": "ORG", "fine_type": None,
+                                        "boxes": [[1, 1, 5, 5], [6, 6, 9, 9]]}])
+    unknown_type = tweet(entities=[{"text": "NASA", "start": 10, "end": 11, "type": "building", "fine_type": None,
+                                    "boxes": []}])
+    for rec in (tweet(), single_multi_box, unknown_type, tweet(entities=[])):
+        for route in ROUTES:
+            for seed in range(20):
+                chain, _ = build_chain(rec, route, seed)
+                assert chain["consistent"], chain["rejection"]
