@@ -127,9 +127,17 @@ class ChainWriter:
         self.route = route_phrases
         self.draw = draw
         self.field_order = list(field_order)
+        self._chosen: dict[str, str] = {}
 
     def phrase(self, table: dict, key: str, **values: Any) -> str:
         return self.draw.pick(table[key]).format(**values)
+
+    def same_phrase(self, table: dict, key: str, **values: Any) -> str:
+        """Like ``phrase``, but the variant is chosen once per chain: numbered headers and list items read as one
+        consistent list instead of switching style from entity to entity."""
+        if key not in self._chosen:
+            self._chosen[key] = self.draw.pick(table[key])
+        return self._chosen[key].format(**values)
 
     def tag(self, key: str) -> str:
         return self.common["tags"][key]
@@ -167,7 +175,7 @@ def think_entity_first(w: ChainWriter, mentions: list[Mention], type_first: bool
     lines = [w.draw.pick(r["opening"])]
     for i, m in enumerate(mentions, 1):
         v = w.values(i, m)
-        lines.append(w.phrase(r, "header", **v))
+        lines.append(w.same_phrase(r, "header", **v))
         c_t = f"{w.tag('C_t')} {w.phrase(r, 'C_t', **v)}"
         c_e = f"{w.tag('C_e')} {w.phrase(r, visibility_key(m, 'C_e'), **v)}"
         c_u = f"{w.tag('C_u')} {w.phrase(r, visibility_key(m, 'C_u'), **v)}"
@@ -181,7 +189,7 @@ def think_constraint_first(w: ChainWriter, mentions: list[Mention]) -> list[str]
     r = w.route
 
     def step(tag: str, key: str, item_key, **extra: Any) -> str:
-        items = "; ".join(w.phrase(r, item_key(m), **w.values(i, m)) for i, m in enumerate(mentions, 1))
+        items = "; ".join(w.same_phrase(r, item_key(m), **w.values(i, m)) for i, m in enumerate(mentions, 1))
         return f"{w.tag(tag)} {w.phrase(r, key, items=items, **extra)}"
 
     n = len(mentions)
