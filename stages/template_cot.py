@@ -89,6 +89,7 @@ class Mention:
 
     triple: Triple
     context: str
+    fine_type: str | None = None  # entity's fine type when known (FMNERG labels, knowledge stage)
 
     @property
     def entity(self) -> str:
@@ -99,7 +100,7 @@ class Mention:
         return self.triple.type
 
 
-def mentions_of(record: Record) -> list[Mention]:
+def mentions_of(record: Record, use_fine_types: bool = True) -> list[Mention]:
     """Gold mentions in entity order (``gold_triples`` yields one triple per entity, in the same order)."""
     tokens = record.get("tokens") or []
     out = []
@@ -109,7 +110,7 @@ def mentions_of(record: Record) -> list[Mention]:
             context = " ".join(tokens[max(0, start - CONTEXT_TOKENS):end + CONTEXT_TOKENS])
         else:
             context = triple.entity
-        out.append(Mention(triple, context))
+        out.append(Mention(triple, context, (ent.get("fine_type") or None) if use_fine_types else None))
     return out
 
 
@@ -151,7 +152,8 @@ class ChainWriter:
 
     def values(self, index: int, m: Mention) -> dict[str, Any]:
         return {"index": index, "entity": m.entity, "type": m.type, "type_desc": self.type_desc(m.type),
-                "context": m.context, "boxes": self.boxes(m.triple), "count": len(m.triple.boxes or ())}
+                "context": m.context, "boxes": self.boxes(m.triple), "count": len(m.triple.boxes or ()),
+                "fine_type": m.fine_type}
 
     def summary(self, m: Mention) -> str:
         location = self.boxes(m.triple) if m.triple.visible else self.common["location_none"]
@@ -177,6 +179,8 @@ def think_entity_first(w: ChainWriter, mentions: list[Mention], type_first: bool
         v = w.values(i, m)
         lines.append(w.same_phrase(r, "header", **v))
         c_t = f"{w.tag('C_t')} {w.phrase(r, 'C_t', **v)}"
+        if m.fine_type:
+            c_t += " " + w.phrase(w.common, "fine_type", **v)
         c_e = f"{w.tag('C_e')} {w.phrase(r, visibility_key(m, 'C_e'), **v)}"
         c_u = f"{w.tag('C_u')} {w.phrase(r, visibility_key(m, 'C_u'), **v)}"
         lines.append(f"{w.tag('C_s')} {w.phrase(r, 'C_s', **v)}")
@@ -196,7 +200,7 @@ def think_constraint_first(w: ChainWriter, mentions: list[Mention]) -> list[str]
     return [
         w.draw.pick(r["opening"]),
         step("C_s", "C_s", lambda m: "C_s_item", n_text="one entity" if n == 1 else f"{n} entities"),
-        step("C_t", "C_t", lambda m: "C_t_item"),
+        step("C_t", "C_t", lambda m: "C_t_item_fine" if m.fine_type else "C_t_item"),
         step("C_e", "C_e", lambda m: visibility_key(m, "C_e_item")),
         step("C_u", "C_u", lambda m: visibility_key(m, "C_u_item")),
         f"{w.tag('summary')} " + "; ".join(w.summary(m) for m in mentions),
@@ -219,7 +223,7 @@ class Variation:
 
 
 def build_chain(record: Record, route: str, seed: int, *, vary_triple_order: bool = True,
-                vary_field_order: bool = True, common: dict | None = None,
+                vary_field_order: bool = True, use_fine_types: bool = True, common: dict | None = None,
                 route_phrases: dict | None = None) -> tuple[dict[str, Any], Variation]:
     """One template chain for a record with grounding labels (a COT_CHAIN dict) and the choices its seed made."""
     if route not in ROUTES:
@@ -227,7 +231,7 @@ def build_chain(record: Record, route: str, seed: int, *, vary_triple_order: boo
     common = common if common is not None else load_yaml(COMMON_TEMPLATE)
     route_phrases = route_phrases if route_phrases is not None else load_yaml(route_template(route))
     draw = Draw(seed)
-    mentions = mentions_of(record)
+    mentions = mentions_of(record, use_fine_types)
     order = draw.shuffled(range(len(mentions))) if vary_triple_order else list(range(len(mentions)))
     field_order = draw.shuffled(FIELDS) if vary_field_order else list(FIELDS)
     type_first = draw.below(2) == 0
@@ -271,6 +275,8 @@ class TemplateCoTConfig(StageConfig):
     seed_offset: int = Field(0, description="added to the run seed (run.seed) for this stage's draws")
     vary_triple_order: bool = Field(True, description="seeded order of the triples (reasoning and answer)")
     vary_field_order: bool = Field(True, description="seeded order of entity/type/location in the summary lines")
+    use_fine_types: bool = Field(True, description="mention an entity's fine type (when the record has one) in the "
+                                 "type step; the answer keeps the coarse type")
 
     @field_validator("routes")
     @classmethod
@@ -296,7 +302,8 @@ def template_cot(record: Record, config: TemplateCoTConfig, run_seed: int) -> Re
         for index in range(config.chains_per_route):
             seed = chain_seed(run_seed, config.seed_offset, record["id"], route, index)
             chain, _ = build_chain(record, route, seed, vary_triple_order=config.vary_triple_order,
-                                   vary_field_order=config.vary_field_order, common=common, route_phrases=phrases)
+                                   vary_field_order=config.vary_field_order, use_fine_types=config.use_fine_types,
+                                   common=common, route_phrases=phrases)
             chains.append(chain)
     cot.update(chains=kept + chains, skipped=None)
     cot.setdefault("split", None)

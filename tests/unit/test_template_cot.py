@@ -219,7 +219,7 @@ def test_template_files_only_use_known_placeholders():
     from gmner_pipeline.stages.template_cot import COMMON_TEMPLATE, route_template
 
     values = dict(text="t", entity="e", type="PER", type_desc="d", context="c", boxes="[1,2,3,4]", count=2, n=2,
-                  index=1, items="i", n_text="2 entities", location="None")
+                  index=1, items="i", n_text="2 entities", location="None", fine_type="athlete")
 
     def strings(node):
         if isinstance(node, str):
@@ -241,8 +241,23 @@ def test_every_branch_of_every_route_renders():
                                         "boxes": [[1, 1, 5, 5], [6, 6, 9, 9]]}])
     unknown_type = tweet(entities=[{"text": "NASA", "start": 10, "end": 11, "type": "building", "fine_type": None,
                                     "boxes": []}])
-    for rec in (tweet(), single_multi_box, unknown_type, tweet(entities=[])):
+    fine = tweet(entities=[{"text": "NASA", "start": 10, "end": 11, "type": "ORG", "fine_type": "government agency",
+                            "boxes": []}])
+    for rec in (tweet(), single_multi_box, unknown_type, fine, tweet(entities=[])):
         for route in ROUTES:
             for seed in range(20):
                 chain, _ = build_chain(rec, route, seed)
                 assert chain["consistent"], chain["rejection"]
+
+
+def test_fine_type_is_mentioned_in_the_type_step_only_when_known():
+    rec = tweet()
+    rec["entities"][0]["fine_type"] = "astronaut"
+    for route in ROUTES:
+        chain, _ = build_chain(rec, route, 3)
+        type_line = next(line for line in chain["think"].splitlines()
+                         if line.startswith("<type classification>") and "Eileen Collins" in line)
+        assert "astronaut" in type_line and chain["consistent"]
+        assert "Eileen Collins|PER|" in chain["answer"]  # the answer keeps the coarse type
+        plain, _ = build_chain(rec, route, 3, use_fine_types=False)
+        assert "astronaut" not in plain["think"]
