@@ -285,6 +285,13 @@ class TemplateCoTConfig(StageConfig):
             raise ValueError(f"a route appears twice: {routes}")
         return routes
 
+    def template_hash(self) -> str:
+        return prompt_hash(COMMON_TEMPLATE, *(route_template(r) for r in self.routes))
+
+    def key_payload(self) -> dict[str, Any]:
+        """The stage key also covers the template files: editing a phrase recomputes the chains on the next run."""
+        return {**super().key_payload(), "template_hash": self.template_hash()}
+
 
 def template_cot(record: Record, config: TemplateCoTConfig, run_seed: int) -> Record:
     """Add template chains to one active record (pure apart from reading the cached template files)."""
@@ -320,7 +327,7 @@ class TemplateCoTStage(Stage):
 
     def __init__(self, config: StageConfig, context=None):
         super().__init__(config, context)
-        self._prompt_hash = prompt_hash(COMMON_TEMPLATE, *(route_template(r) for r in self.config.routes))
+        self._prompt_hash = self.config.template_hash()
 
     def __call__(self, records: list[Record]) -> list[Record]:
         for record in records:

@@ -261,3 +261,15 @@ def test_fine_type_is_mentioned_in_the_type_step_only_when_known():
         assert "Eileen Collins|PER|" in chain["answer"]  # the answer keeps the coarse type
         plain, _ = build_chain(rec, route, 3, use_fine_types=False)
         assert "astronaut" not in plain["think"]
+
+
+def test_stage_key_covers_the_template_files(monkeypatch):
+    import gmner_pipeline.stages.template_cot as mod
+
+    config = TemplateCoTConfig()
+    payload = config.key_payload()
+    assert payload["template_hash"] and "resources" not in payload
+    assert TemplateCoTConfig(routes=["entity_first"]).key_payload()["template_hash"] != payload["template_hash"]
+    monkeypatch.setattr(mod, "prompt_hash", lambda *names: "edited")
+    assert config.key_payload()["template_hash"] == "edited"
+    assert run_stage([tweet()])[0]["lineage"][-1]["prompt_hash"] == "edited"
