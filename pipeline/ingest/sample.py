@@ -43,8 +43,8 @@ def load_photo(spec: str) -> Image.Image:
         except ImportError as exc:
             raise RuntimeError("the sample's photos need scikit-image: pip install scikit-image") from exc
         array = np.asarray(getattr(skimage.data, name)())
-        if array.dtype == bool:  # the horse is a binary mask (True = horse): draw it black on white
-            array = np.where(array, 0, 255).astype(np.uint8)
+        if array.dtype == bool:  # the horse is a binary mask (False = horse): draw it black on white
+            array = np.where(array, 255, 0).astype(np.uint8)
         return Image.fromarray(array).convert("RGB")
     if package == "matplotlib":
         try:

@@ -107,3 +107,8 @@ def test_template_cot_on_the_sample_is_consistent(records):
     out = TemplateCoTStage(TemplateCoTConfig())([dict(r) for r in records])
     assert all(c["consistent"] for r in out for c in r["cot"]["chains"])
     assert sum(len(r["cot"]["chains"]) for r in out) == 20
+
+
+def test_horse_silhouette_is_black_on_white(records, cache):
+    with Image.open(cache / IMAGE_SUBDIR / "horse.png") as im:
+        assert im.getpixel((0, 0)) == (255, 255, 255) and im.getpixel((150, 150)) == (0, 0, 0)
