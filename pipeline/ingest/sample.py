@@ -8,6 +8,7 @@ inside the wheels are used, so ``gmner-pipeline run synthesize`` works offline o
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample"  # gmner_pipeline/sample (pipeline/sample in the repo)
 IMAGE_SUBDIR = "sample-images"
 SPLIT = "train"
+# Bump when the rendering of a photo changes (colour handling, ...): caches made by an older version are redrawn.
+RENDER_VERSION = 2
+STAMP_FILE = ".render-version"
 
 
 def sample_photos() -> dict[str, str]:
@@ -76,22 +80,36 @@ def write_atomic(data: bytes, path: Path) -> None:
         raise
 
 
+def render_stamp() -> str:
+    """Identifies how the images are drawn: the rendering version plus the photo table."""
+    digest = hashlib.sha256((SAMPLE_DIR / "photos.yaml").read_bytes()).hexdigest()[:16]
+    return f"{RENDER_VERSION}:{digest}"
+
+
 def materialise_images(cache_dir: str | Path) -> Path:
-    """Make ``<cache_dir>/sample-images/<IMGID>.png`` for every sample image (existing files are kept). A photo that
-    cannot be produced is logged; the records that need it then carry an "image not found" error."""
+    """Make ``<cache_dir>/sample-images/<IMGID>.png`` for every sample image. Existing files are kept unless they
+    were drawn by another rendering version (see ``render_stamp``). A photo that cannot be produced is logged; the
+    records that need it then carry an "image not found" error."""
     image_dir = Path(cache_dir) / IMAGE_SUBDIR
     image_dir.mkdir(parents=True, exist_ok=True)
+    stamp_path = image_dir / STAMP_FILE
+    stamp = render_stamp()
+    stale = not stamp_path.is_file() or stamp_path.read_text(encoding="utf-8").strip() != stamp
     encoded: dict[str, bytes] = {}  # photo spec -> PNG bytes, so a photo shared by two tweets is encoded once
+    failed = False
     for imgid, spec in sample_photos().items():
         path = image_dir / f"{imgid}.png"
-        if path.is_file():
+        if path.is_file() and not stale:
             continue
         try:
             if spec not in encoded:
                 encoded[spec] = png_bytes(load_photo(spec))
             write_atomic(encoded[spec], path)
         except Exception as exc:  # noqa: BLE001 - reported per image, the other records still ingest
+            failed = True
             log.warning("sample image %s (%s) could not be materialised: %s", imgid, spec, exc)
+    if stale and not failed:
+        write_atomic(stamp.encode(), stamp_path)
     return image_dir
 
 

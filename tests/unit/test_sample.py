@@ -58,7 +58,8 @@ def test_images_materialise_and_match_the_annotations(records, cache):
         assert rec["image"]["path"] == str(path) and rec["image"]["sha256"]
         with Image.open(path) as im:
             assert im.mode == "RGB" and im.size == (rec["image"]["width"], rec["image"]["height"])
-    assert not [p for p in (cache / IMAGE_SUBDIR).iterdir() if p.suffix != ".png"]  # no temp files left behind
+    leftovers = [p.name for p in (cache / IMAGE_SUBDIR).iterdir() if p.suffix != ".png"]
+    assert leftovers == [sample_mod.STAMP_FILE]  # no temp files left behind
 
 
 def test_boxes_lie_inside_their_images(records):
@@ -112,3 +113,12 @@ def test_template_cot_on_the_sample_is_consistent(records):
 def test_horse_silhouette_is_black_on_white(records, cache):
     with Image.open(cache / IMAGE_SUBDIR / "horse.png") as im:
         assert im.getpixel((0, 0)) == (255, 255, 255) and im.getpixel((150, 150)) == (0, 0, 0)
+
+
+def test_images_from_an_older_rendering_are_redrawn(records, cache, tmp_path):
+    image_dir = tmp_path / IMAGE_SUBDIR
+    image_dir.mkdir()
+    Image.new("RGB", (4, 4)).save(image_dir / "horse.png")  # a stale cache without a stamp
+    recs = {r["sample_key"]: r for r in read_sample(tmp_path)}
+    assert recs["horse"]["status"] == "ok" and recs["horse"]["image"]["width"] == 400
+    assert (image_dir / sample_mod.STAMP_FILE).read_text() == sample_mod.render_stamp()
