@@ -18,7 +18,8 @@ chain's ``consistent`` / ``rejection`` fields.
 
 Records whose ``grounding_labels`` is ``absent`` (synthetic text-only pairs: boxes unknown) get no chain and
 ``cot.skipped = "grounding_absent"``: a template chain would have to claim "not visible" (or invent a box) for
-entities whose visibility nobody knows, and the answer format has no "unknown" location.
+entities whose visibility nobody knows, and the answer format has no "unknown" location. Any other value than
+``present`` is treated alike (``cot.skipped = "grounding_unknown"``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pydantic import Field, field_validator
 
 from gmner_pipeline.answer import Triple, format_answer, format_turn, gold_triples, parse_answer, same_triples
 from gmner_pipeline.prompts import load_yaml, prompt_hash
-from gmner_pipeline.schema import GROUNDING_ABSENT
+from gmner_pipeline.schema import GROUNDING_ABSENT, GROUNDING_PRESENT
 from gmner_pipeline.stage import Record, Stage, StageConfig, Timer, active
 
 STYLE = "template"
@@ -39,6 +40,7 @@ ROUTES = ("entity_first", "constraint_first")
 Route = Literal["entity_first", "constraint_first"]
 COMMON_TEMPLATE = "template_cot/common.yaml"
 SKIP_GROUNDING_ABSENT = "grounding_absent"
+SKIP_GROUNDING_UNKNOWN = "grounding_unknown"  # grounding_labels neither "present" nor "absent" (malformed record)
 FIELDS = ("entity", "type", "location")
 CONTEXT_TOKENS = 3  # neighbouring tokens shown on each side of a mention
 
@@ -297,8 +299,10 @@ def template_cot(record: Record, config: TemplateCoTConfig, run_seed: int) -> Re
     """Add template chains to one active record (pure apart from reading the cached template files)."""
     cot = dict(record.get("cot") or {})
     kept = [c for c in cot.get("chains") or [] if c.get("style") != STYLE]  # other styles' chains stay
-    if record.get("grounding_labels") == GROUNDING_ABSENT:
-        cot.update(chains=kept, skipped=SKIP_GROUNDING_ABSENT)
+    grounding = record.get("grounding_labels")
+    if grounding != GROUNDING_PRESENT:  # visibility unknown: a chain would have to invent it
+        cot.update(chains=kept, skipped=SKIP_GROUNDING_ABSENT if grounding == GROUNDING_ABSENT
+                   else SKIP_GROUNDING_UNKNOWN)
         cot.setdefault("split", None)
         record["cot"] = cot
         return record

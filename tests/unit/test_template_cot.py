@@ -164,6 +164,11 @@ def test_absent_grounding_gets_no_chain_claiming_not_visible():
     assert out["status"] == "ok"
 
 
+def test_unknown_grounding_labels_are_not_guessed():
+    out = run_stage([tweet(grounding_labels=None)])[0]
+    assert out["cot"]["skipped"] == "grounding_unknown" and out["cot"]["chains"] == []
+
+
 def test_other_styles_chains_are_kept():
     llm_chain = {"style": "llm", "route": "qa", "model_id": "m", "seed": 1, "think": "t", "answer": "None",
                  "text": "<think>t</think><answer>None</answer>", "consistent": True, "rejection": None,
