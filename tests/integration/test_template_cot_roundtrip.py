@@ -1,0 +1,58 @@
+"""Round trip on the real data: for every Twitter-GMNER v2.0 train tweet and every template route, parsing the chain's
+assistant turn gives exactly the gold triples. Needs ../shared (beside the repo root); skipped when it is absent.
+``GMNER_SHARED_DIR`` points elsewhere (e.g. from a git worktree whose parent has no shared/)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gmner_pipeline.answer import gold_triples, parse_answer, same_triples
+from gmner_pipeline.ingest.twitter_gmner import read_twitter_gmner
+from gmner_pipeline.stage import StageContext
+from gmner_pipeline.stages.template_cot import ROUTES, TemplateCoTConfig, TemplateCoTStage
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARED = Path(os.environ.get("GMNER_SHARED_DIR") or REPO_ROOT.parent / "shared")
+DATA = SHARED / "data" / "twitter-gmner-v2"
+
+pytestmark = [
+    pytest.mark.shared_data,
+    pytest.mark.skipif(not (DATA / "txt" / "train.txt").is_file(), reason=f"{DATA} not found (../shared absent)"),
+]
+
+
+def _parser_reads_semicolons_in_entities() -> bool:
+    """Twitter text has HTML entities tokenised as '&amp' ';', so a few entity spans contain '; ' (the record
+    separator of the answer format). Whether those round-trip is up to the one parser in gmner_pipeline.answer."""
+    parsed = parse_answer("Fox &amp ; Friends|ORG|None; NASA|ORG|None")
+    return parsed.ok and [t.entity for t in parsed.triples] == ["Fox &amp ; Friends", "NASA"]
+
+
+def test_every_train_chain_round_trips():
+    records = list(read_twitter_gmner(DATA, "train"))
+    assert len(records) == 7000 and all(r["status"] == "ok" for r in records)
+    TemplateCoTStage(TemplateCoTConfig(routes=list(ROUTES)), StageContext(seed=0))(records)
+
+    failures = []
+    for rec in records:
+        chains = rec["cot"]["chains"]
+        assert sorted(c["route"] for c in chains) == sorted(ROUTES)
+        for chain in chains:
+            # check independently of the stage's own check
+            parsed = parse_answer(chain["answer"])
+            ok = parsed.ok and same_triples(parsed.triples, gold_triples(rec))
+            assert ok == chain["consistent"], (rec["id"], chain["rejection"])
+            if not ok:
+                failures.append((rec["id"], chain["route"], chain["answer"]))
+
+    semicolon = [f for f in failures if any(";" in e["text"] for r in records if r["id"] == f[0]
+                                            for e in r["entities"])]
+    other = [f for f in failures if f not in semicolon]
+    assert not other, f"{len(other)} chains do not round-trip, e.g. {other[:3]}"
+    if semicolon and not _parser_reads_semicolons_in_entities():
+        pytest.xfail(f"{len(semicolon)} chains of {len({f[0] for f in semicolon})} tweets have entities containing "
+                     f"'; ' (e.g. {semicolon[0][2]!r}); gmner_pipeline.answer.parse_answer cannot read them yet")
+    assert not semicolon
