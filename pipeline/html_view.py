@@ -65,10 +65,13 @@ def _record_html(rec: dict[str, Any]) -> str:
     e = html.escape
     img = _thumbnail(rec)
     left = f'<img src="{img}">' if img else "<p><i>no image on disk</i></p>"
-    rows = "".join(
-        f"<tr><td>{e(x['text'])}</td><td>{e(x['type'])}</td><td>{e(x.get('fine_type') or '')}</td>"
-        f"<td class='gold'>{e(' '.join(str([round(v) for v in b]) for b in x.get('boxes') or []) or ('not visible' if rec.get('grounding_labels') == 'present' else 'unknown'))}</td></tr>"
-        for x in rec.get("entities") or [])
+    def location(ent: dict[str, Any]) -> str:
+        if ent.get("boxes"):
+            return "<span class='gold'>" + e(" ".join(str([round(v) for v in b]) for b in ent["boxes"])) + "</span>"
+        return "not visible" if rec.get("grounding_labels") == "present" else "<i>unknown</i>"
+
+    rows = "".join(f"<tr><td>{e(x['text'])}</td><td>{e(x['type'])}</td><td>{e(x.get('fine_type') or '')}</td>"
+                   f"<td>{location(x)}</td></tr>" for x in rec.get("entities") or [])
     parts = [f"<h3>{e(rec['id'])} <span class='{e(rec['status'])}'>{e(rec['status'])}"
              f"{' (' + e(rec['drop_reason']) + ')' if rec.get('drop_reason') else ''}</span></h3>",
              f"<p>{e(rec.get('text') or '')}</p>",

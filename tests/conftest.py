@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED = REPO_ROOT.parent / "shared"
+# ../shared beside the checkout (CI and developers); GMNER_SHARED_DIR points elsewhere.
+SHARED = Path(os.environ.get("GMNER_SHARED_DIR") or REPO_ROOT.parent / "shared")
 GMNER_V2 = SHARED / "data" / "twitter-gmner-v2"
 
 # Local Ray instances in tests: no dashboard, small object store, no usage-stats prompt.

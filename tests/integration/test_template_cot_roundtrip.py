@@ -4,19 +4,16 @@ assistant turn gives exactly the gold triples. Needs ../shared (beside the repo 
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import pytest
 
+from conftest import GMNER_V2
 from gmner_pipeline.answer import gold_triples, parse_answer, same_triples
 from gmner_pipeline.ingest.twitter_gmner import read_twitter_gmner
 from gmner_pipeline.stage import StageContext
 from gmner_pipeline.stages.template_cot import ROUTES, TemplateCoTConfig, TemplateCoTStage
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("GMNER_SHARED_DIR") or REPO_ROOT.parent / "shared")
-DATA = SHARED / "data" / "twitter-gmner-v2"
+DATA = GMNER_V2
 
 pytestmark = [
     pytest.mark.shared_data,
