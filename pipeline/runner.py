@@ -256,8 +256,9 @@ def execute(plan: RunPlan, config: RunConfig, run_id: str, num_shards: int,
                         sp.failed.append((shard, _short(exc)))
                         pending[k] -= 1
                         for j in range(k + 1, len(stages)):  # it can never reach the later stages in this run
-                            pending[j] -= 1
-                            progress[stages[j].name].failed.append((shard, f"upstream {stages[k].name} failed"))
+                            if shard not in committed[j]:
+                                pending[j] -= 1
+                                progress[stages[j].name].failed.append((shard, f"upstream {stages[k].name} failed"))
                 else:
                     sp.done += 1
                     sp.processed_now += 1
