@@ -223,10 +223,10 @@ def _segments(line: str) -> list[str]:
         if carry is not None:
             piece = carry + ";" + piece
             carry = None
-        stripped = piece.strip().strip(",. ")
+        stripped = piece.strip()
         if not stripped:
             continue
-        if piece.count("|") == 0 and not _BOXES_RE.fullmatch(stripped):
+        if piece.count("|") == 0 and not _BOXES_RE.fullmatch(stripped.strip(",. ")):
             carry = piece  # an entity fragment: it continues after the ';'
             continue
         out.append(piece)
@@ -237,7 +237,7 @@ def _segments(line: str) -> list[str]:
 
 def _read_segment(segment: str, triples: list[Triple], errors: list[str], notes: list[str],
                   typemap: dict[str, str] | None) -> None:
-    seg = segment.strip().strip(",").strip()
+    seg = segment.strip().rstrip(",").rstrip()
     if seg.endswith(".") and not seg.endswith(".."):
         seg = seg[:-1].rstrip()
     if not seg:
@@ -288,8 +288,16 @@ def _read_boxes(text: str) -> tuple[Box, ...]:
     return tuple(tuple(float(v) for v in _NUMS.findall(b)) for b in _BOX_ONE_RE.findall(text))  # type: ignore[misc]
 
 
+_PAIRS = {'"': '"', "'": "'", "`": "`", "*": "*", "“": "”", "‘": "’"}
+
+
 def _clean(text: str) -> str:
-    return " ".join(str(text).strip().strip(_QUOTES).split())
+    """Collapse whitespace and remove quotes or markdown emphasis wrapped around the WHOLE field (``"Obama"``,
+    ``**Obama**``); an unpaired mark is text (a Twitter entity can start with ``*``)."""
+    text = " ".join(str(text).split())
+    while len(text) > 2 and _PAIRS.get(text[0]) == text[-1]:
+        text = text[1:-1].strip()
+    return text
 
 
 def _make_triple(entity: str, type_: str, boxes: tuple[Box, ...] | None, typemap: dict[str, str] | None,
