@@ -6,7 +6,6 @@ Registered in the main CLI with ``app.command("eval")(eval_command)``.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import List
 
@@ -17,8 +16,6 @@ from rich.table import Table
 from .config import EvalConfig
 from .evaluate import EvalReport, evaluate
 from .io import EvalInputError, load_gold, load_predictions, pair
-
-log = logging.getLogger(__name__)
 
 
 def eval_command(

@@ -97,11 +97,13 @@ class EvalReport:
 
     def to_dict(self) -> dict[str, Any]:
         tb = self.textual_bias
+        gmner_types = {t: v.to_dict() for t, v in sorted(self.gmner_per_type.items())}
+        mner_types = {t: v.to_dict() for t, v in sorted(self.mner_per_type.items())}
         return {
             "rules": dict(self.rules),
             "samples": self.samples,
-            "gmner": self.gmner.to_dict() | {"per_type": {t: v.to_dict() for t, v in sorted(self.gmner_per_type.items())}},
-            "mner": self.mner.to_dict() | {"per_type": {t: v.to_dict() for t, v in sorted(self.mner_per_type.items())}},
+            "gmner": self.gmner.to_dict() | {"per_type": gmner_types},
+            "mner": self.mner.to_dict() | {"per_type": mner_types},
             "eeg": self.eeg.to_dict(),
             "textual_bias": {"n_pre": tb.precision, "n_rec": tb.recall, "n_f1": tb.f1, "n_correct": tb.correct,
                              "n_predicted": tb.predicted, "n_gold": tb.gold},

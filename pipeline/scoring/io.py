@@ -16,7 +16,6 @@ of its first CoT chain), or JSONL files with one object per line:
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Iterable, Literal
@@ -24,8 +23,6 @@ from typing import Any, Collection, Iterable, Literal
 from ..answer import Triple, gold_triples, parse_answer, triple_from_obj
 from ..schema import GROUNDING_ABSENT, STATUS_OK
 from .evaluate import Sample
-
-log = logging.getLogger(__name__)
 
 ANSWER_KEYS = ("answer", "completion", "response", "text")
 

@@ -225,7 +225,8 @@ def make_trl_reward(config: RewardConfig | None = None, *, gold_column: str = "g
     if component not in ("total", *COMPONENTS):
         raise ValueError(f"component must be 'total' or one of {COMPONENTS}, got {component!r}")
 
-    def reward(prompts: Sequence[Any] | None = None, completions: Sequence[Any] = (), **columns: Any) -> list[float | None]:
+    def reward(prompts: Sequence[Any] | None = None, completions: Sequence[Any] = (),
+               **columns: Any) -> list[float | None]:
         if gold_column not in columns:
             raise KeyError(f"the reward needs the dataset column {gold_column!r} (gold answers); columns given: "
                            f"{sorted(k for k in columns if k not in ('trainer_state', 'log_extra', 'log_metric'))}")
