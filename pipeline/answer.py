@@ -165,6 +165,10 @@ def _parse(text: str | None, types: Collection[str] | None) -> ParsedAnswer:
         value = _load_structured(body)
         if value is not None:
             return _finish(*_from_structured(value, typemap), notes)
+    elif "|" not in body:
+        value, skipped = _structured_after_prose(body)
+        if value is not None:
+            return _finish(*_from_structured(value, typemap), notes + skipped)
     return _finish(*_from_pipes(body, typemap), notes)
 
 
@@ -322,6 +326,20 @@ def _load_structured(body: str) -> Any:
         except Exception:  # noqa: BLE001 - any failure just means "not this format"
             continue
     return None
+
+
+def _structured_after_prose(body: str) -> tuple[Any, list[str]]:
+    """A JSON/literal list or object that starts a line after some prose (``Here you go:\n[{...}]``)."""
+    m = re.search(r"^[ \t]*[\[{]", body, re.M)
+    if not m:
+        return None, []
+    candidate = body[m.start():]
+    end = max(candidate.rfind("]"), candidate.rfind("}"))
+    value = _load_structured(candidate[:end + 1]) if end >= 0 else None
+    if value is None:
+        return None, []
+    skipped = [s for s in (body[:m.start()].strip(), candidate[end + 1:].strip()) if s]
+    return value, [f"skipped text {s[:80]!r}" for s in skipped]
 
 
 def _from_structured(value: Any, typemap: dict[str, str] | None) -> tuple[list[Triple], list[str], list[str]]:

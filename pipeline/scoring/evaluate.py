@@ -254,3 +254,15 @@ def occurs(entity: str, tokens: Sequence[str], config: EvalConfig) -> bool:
     n = len(needle)
     return any(hay[i:i + n] == needle for i in range(len(hay) - n + 1))
 
+
+
+def matches_gold(pred: Sequence[Triple], gold: Sequence[Triple], config: EvalConfig | None = None) -> bool:
+    """True iff the prediction is fully correct under the evaluation rules: every gold triple is matched by a
+    correct prediction and nothing else is predicted (for keeping only consistent CoT chains; ``same_triples`` is the
+    stricter integer-pixel identity)."""
+    config = config or EvalConfig()
+    if len(pred) != len(gold):
+        return False
+    report = EvalReport(rules={})
+    score_sample(Sample("", list(gold), list(pred)), config, entity_normalizer(config), report)
+    return report.gmner.correct == len(gold)

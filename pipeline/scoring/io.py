@@ -46,9 +46,17 @@ class Predictions:
 
 
 def parquet_files(paths: Iterable[Path]) -> list[Path]:
+    """Shard files under the given files/folders. A run's output folder (with ``latest.json``) means its final
+    stage's shards, not every stage's."""
     files: list[Path] = []
     for p in paths:
         p = Path(p)
+        if p.is_dir() and (p / "latest.json").is_file():
+            try:
+                final = Path(json.loads((p / "latest.json").read_text(encoding="utf-8"))["final_dir"])
+            except (ValueError, KeyError) as exc:
+                raise EvalInputError(f"{p / 'latest.json'} has no final_dir ({exc}); pass a stage folder") from exc
+            p = final if final.is_absolute() or final.is_dir() else p / final
         if p.is_dir():
             files += sorted(p.rglob("*.parquet"))
         elif p.is_file():
@@ -64,11 +72,18 @@ def read_records(files: Iterable[Path]) -> list[dict[str, Any]]:
     from ..schema import table_to_records
 
     out: list[dict[str, Any]] = []
+    where: dict[str, Path] = {}
     for f in files:
         try:
-            out += table_to_records(pq.read_table(f))
+            records = table_to_records(pq.read_table(f))
         except Exception as exc:
             raise EvalInputError(f"cannot read {f} as a record shard: {exc}") from exc
+        for rec in records:
+            if rec["id"] in where:
+                raise EvalInputError(f"record {rec['id']!r} is in both {where[rec['id']]} and {f}: pass the shards of "
+                                     "ONE stage (e.g. <output_dir>/<stage>/<key>, or the run's output folder)")
+            where[rec["id"]] = f
+        out += records
     return out
 
 

@@ -41,6 +41,7 @@ def read(text, **kw):
     '{"entities": [{"entity": "Barack Obama", "type": "PER", "boxes": [[1, 2, 30, 40]]}, '
     '{"entity": "Paris", "type": "LOC", "location": "None"}]}',
     "[{'entity': 'Barack Obama', 'type': 'PER', 'box': (1, 2, 30, 40)}, {'entity': 'Paris', 'type': 'LOC'}]",
+    'Here is what I found:\n[["Barack Obama", "PER", [1, 2, 30, 40]], ["Paris", "LOC", "None"]]\nHope it helps.',
 ])
 def test_variants_with_clear_meaning_parse_ok(text):
     got = read(text)

@@ -102,3 +102,19 @@ def test_wrong_split_says_how_to_choose(tmp_path):
     pred = write_jsonl(tmp_path / "p.jsonl", [])
     res = invoke("--gold", str(gold), "--pred", str(pred), "--split", "dev", "-o", str(tmp_path / "e.json"))
     assert res.exit_code == 2 and "--split" in res.output
+
+
+def test_run_output_folder_means_its_final_stage_and_duplicates_are_refused(tmp_path):
+    ents = [{"text": "Paris", "start": 0, "end": 1, "type": "LOC", "fine_type": None, "boxes": []}]
+    rec = empty_record(id="s/1", source="s", tokens=["Paris"], entities=ents, grounding_labels="present")
+    out_dir = tmp_path / "run"
+    for stage in ("ingest/k1", "cot/k2"):
+        (out_dir / stage).mkdir(parents=True)
+        pq.write_table(records_to_table([rec]), out_dir / stage / "shard-00000.parquet")
+    pred = write_jsonl(tmp_path / "p.jsonl", [{"id": "s/1", "answer": "Paris|LOC|None"}])
+    res = invoke("--gold", str(out_dir), "--pred", str(pred), "-o", str(tmp_path / "e.json"))
+    assert res.exit_code == 2 and "ONE stage" in res.output
+    (out_dir / "latest.json").write_text(json.dumps({"final_dir": str(out_dir / "cot" / "k2")}))
+    res = invoke("--gold", str(out_dir), "--pred", str(pred), "-o", str(tmp_path / "e.json"))
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "e.json").read_text())["gmner"]["f1"] == 1.0

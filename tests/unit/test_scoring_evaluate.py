@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gmner_pipeline.answer import Triple as T
-from gmner_pipeline.scoring import EvalConfig, Sample, evaluate, iou, location_iou
+from gmner_pipeline.scoring import EvalConfig, Sample, evaluate, iou, location_iou, matches_gold
 from gmner_pipeline.scoring.boxes import passes
 from gmner_pipeline.scoring.evaluate import occurs
 
@@ -155,3 +155,13 @@ def test_every_report_states_its_rules():
     d = one([], [], strict_iou=True, iou_threshold=0.6).to_dict()
     assert "IoU > 0.6" in d["rules"]["location"] and "maximum bipartite" in d["rules"]["matching"]
     assert "ANY gold box" in d["rules"]["location"]
+
+
+def test_matches_gold_uses_the_evaluation_rules():
+    gold = [T("Obama", "PER", (A,)), T("Obama", "PER", (A,)), T("Paris", "LOC", None)]
+    assert matches_gold([T("Paris", "LOC", None), T("Obama", "PER", (A_075,)), T("Obama", "PER", (A,))], gold)
+    assert not matches_gold([T("Paris", "LOC", None), T("Obama", "PER", (A,))], gold)  # one copy missing
+    assert not matches_gold(gold + [T("NBA", "ORG", None)], gold)
+    assert not matches_gold([T("Paris", "LOC", None), T("Obama", "PER", (A_075,)), T("Obama", "PER", (A,))], gold,
+                            EvalConfig(iou_threshold=0.8))
+    assert matches_gold([], [])
