@@ -80,6 +80,8 @@ _LEAD_IN = re.compile(r"^\s*(?:the\s+)?(?:final\s+)?(?:answer|output|result|pred
 _LIST_MARKER = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s+")
 _CODE_FENCE = re.compile(r"```[a-zA-Z]*\s*\n?(.*?)```", re.S)
 _QUOTES = "\"'`*“”‘’"
+_COMMA_AFTER_LOCATION = re.compile(r"(?:(?<=[\])])|(?<=None)|(?<=none)|(?<=null))\s*,\s*(?=[^\s\[(,])")
+_SPECIAL_TOKENS = re.compile(r"<\|[a-z_]+\|>")  # Qwen-VL markup such as <|box_start|> ... <|box_end|>
 
 _ENTITY_KEYS = ("entity", "entity_name", "name", "text", "span", "mention", "entity_text")
 _TYPE_KEYS = ("type", "entity_type", "label", "category", "class", "tag")
@@ -146,7 +148,7 @@ def _parse(text: str | None, types: Collection[str] | None) -> ParsedAnswer:
     notes: list[str] = []
     if len(_ANSWER_BLOCK.findall(text)) > 1:
         notes.append("several <answer> blocks: read the last")
-    body = extract_answer(text).translate(_FULLWIDTH)
+    body = _SPECIAL_TOKENS.sub("", extract_answer(text).translate(_FULLWIDTH))
     fence = _CODE_FENCE.search(body)
     if fence:
         body = fence.group(1)
@@ -256,6 +258,13 @@ def _read_segment(segment: str, triples: list[Triple], errors: list[str], notes:
             errors.append(f"could not read {seg[:80]!r}")
         return
     fields = [f.strip() for f in seg.split("|")]
+    if len(fields) > 3:
+        pieces = _COMMA_AFTER_LOCATION.split(seg)
+        if len(pieces) > 1 and all(p.count("|") == 2 for p in pieces):  # "A|PER|None, B|LOC|[..]"
+            notes.append(f"records separated by ',' in {seg[:40]!r}")
+            for piece in pieces:
+                _read_segment(piece, triples, errors, notes, typemap)
+            return
     if len(fields) != 3:
         errors.append(f"could not read {seg[:80]!r}: expected entity|TYPE|location, found {len(fields)} fields")
         return

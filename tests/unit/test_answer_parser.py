@@ -41,6 +41,8 @@ def read(text, **kw):
     '{"entities": [{"entity": "Barack Obama", "type": "PER", "boxes": [[1, 2, 30, 40]]}, '
     '{"entity": "Paris", "type": "LOC", "location": "None"}]}',
     "[{'entity': 'Barack Obama', 'type': 'PER', 'box': (1, 2, 30, 40)}, {'entity': 'Paris', 'type': 'LOC'}]",
+    "Barack Obama|PER|[1,2,30,40], Paris|LOC|None",  # records separated by ','
+    "Barack Obama|PER|<|box_start|>(1,2),(30,40)<|box_end|>; Paris|LOC|None",  # Qwen-VL box markup
     'Here is what I found:\n[["Barack Obama", "PER", [1, 2, 30, 40]], ["Paris", "LOC", "None"]]\nHope it helps.',
 ])
 def test_variants_with_clear_meaning_parse_ok(text):

@@ -172,3 +172,14 @@ def test_cli_self_score_through_a_prediction_file(records, gold, tmp_path):
     d = json.loads(out.read_text())
     assert d["gmner"]["f1"] == 1.0 and d["gmner"]["gold"] == N_ENTITIES and d["missing_predictions"] == 0
     assert d["parse_status"] == {"ok": N_TWEETS}
+
+
+@pytest.mark.parametrize("split", ["train", "dev", "test"])
+def test_every_gold_answer_round_trips_through_the_parser(split):
+    from gmner_pipeline.answer import parse_answer, same_triples
+    from gmner_pipeline.ingest.twitter_gmner import read_twitter_gmner
+
+    for rec in read_twitter_gmner(GMNER_V2, split):
+        g = gold_triples(rec)
+        got = parse_answer(format_answer(g), types=TYPES)
+        assert got.status == "ok" and not got.notes and same_triples(got.triples, g), (rec["id"], got)
