@@ -59,6 +59,7 @@ _ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.S | re.I)
 _ANSWER_OPEN = re.compile(r"<answer>(.*)$", re.S | re.I)
 _THINK_TAG = re.compile(r"<think>(.*?)(?:</think>|$)", re.S | re.I)
 _THINK_BLOCK = re.compile(r"<think>.*?(?:</think>|$)", re.S | re.I)
+_THINK_CLOSED = re.compile(r"<think>.*?</think>", re.S | re.I)
 
 # Full-width (CJK) punctuation that teachers emit in place of the format's ASCII separators.
 _FULLWIDTH = str.maketrans({"｜": "|", "；": ";", "［": "[", "］": "]", "，": ",", "（": "(", "）": ")", "：": ":",
@@ -115,6 +116,7 @@ def format_turn(think: str, answer: str) -> str:
 def extract_answer(text: str) -> str:
     """The text inside the last complete ``<answer>`` block (or after an unclosed ``<answer>``); without answer tags,
     the text with any ``<think>`` block removed."""
+    text = _THINK_CLOSED.sub("", text)  # an "<answer>" mentioned while thinking is not the answer
     blocks = _ANSWER_BLOCK.findall(text)
     if blocks:
         return blocks[-1].strip()
@@ -146,7 +148,7 @@ def _parse(text: str | None, types: Collection[str] | None) -> ParsedAnswer:
         return ParsedAnswer([], "empty", ["no text"])
     text = str(text)
     notes: list[str] = []
-    if len(_ANSWER_BLOCK.findall(text)) > 1:
+    if len(_ANSWER_BLOCK.findall(_THINK_CLOSED.sub("", text))) > 1:
         notes.append("several <answer> blocks: read the last")
     body = _SPECIAL_TOKENS.sub("", extract_answer(text).translate(_FULLWIDTH))
     fence = _CODE_FENCE.search(body)

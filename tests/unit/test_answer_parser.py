@@ -111,6 +111,8 @@ def test_last_answer_block_wins_and_think_is_ignored():
     assert got.triples == [Triple("B", "LOC", None)] and any("several" in n for n in got.notes)
     assert extract_answer("<think>A|PER|None</think>B|LOC|None") == "B|LOC|None"
     assert extract_answer("<answer>unclosed A|PER|None") == "unclosed A|PER|None"
+    mentioned = "<think>I will put it in <answer> tags</think><answer>A|PER|None</answer>"
+    assert read(mentioned).triples == [Triple("A", "PER", None)] and read(mentioned).notes == []
 
 
 def test_box_only_segment_after_a_none_location_is_an_error():
