@@ -1,6 +1,7 @@
 """``gmner-pipeline eval``: score predictions against gold, print a table, write JSON.
 
-Registered in the main CLI with ``app.command("eval")(eval_command)``.
+Registered in the main CLI with ``app.command("eval")(eval_command)``; ``grpo_report_command`` (the reward statistics
+of a grpo-filter output, with other thresholds if wanted) with ``app.command("grpo-report")(grpo_report_command)``.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import EvalConfig
+from .config import EvalConfig, GrpoFilterConfig
 from .evaluate import EvalReport, evaluate
-from .io import EvalInputError, load_gold, load_predictions, pair
+from .grpo_stats import RULES, filter_report, plot_histograms, stats_from_records
+from .io import EvalInputError, load_gold, load_predictions, pair, parquet_files, read_records
 
 
 def eval_command(
@@ -113,3 +115,45 @@ def per_type_table(report: EvalReport) -> Table:
 def _pct(*values: float) -> list[str]:
     return [f"{100 * v:.2f}" for v in values]
 
+
+
+def grpo_report_command(
+    shards: List[Path] = typer.Argument(..., help="Record shards with a grpo column (files, folders, or a run's "
+                                        "output folder)."),
+    out: Path = typer.Option(Path("grpo-report"), "--out", "-o", help="Folder for grpo_report.json and grpo.png."),
+    min_std: float = typer.Option(0.1, help="Keep iff std >= this."),
+    min_max: float = typer.Option(0.8, help="Keep iff max >= this."),
+    median_low: float = typer.Option(0.08, help="Keep iff median >= this."),
+    median_high: float = typer.Option(0.6, help="Keep iff median <= this."),
+    std: str = typer.Option("population", help="population | sample standard deviation."),
+) -> None:
+    """GRPO filter statistics: kept / dropped by rule, histograms of mean, std, max and median (JSON + PNG)."""
+    console = Console()
+    try:
+        config = GrpoFilterConfig(min_std=min_std, min_max=min_max, median_low=median_low, median_high=median_high,
+                                  std=std)
+        stats = stats_from_records(read_records(parquet_files(shards)), config)
+    except (EvalInputError, ValueError) as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    if not stats:
+        Console(stderr=True).print("[red]error:[/red] no record has a grpo column: run the grpo-filter stage first")
+        raise typer.Exit(2)
+    report = filter_report(stats, config)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grpo_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    plot_histograms(report, out / "grpo.png", config)
+    table = Table(title=f"GRPO filter: kept {report['kept']} of {report['items']} "
+                        f"({100 * report['kept_fraction']:.1f}%)")
+    for col in ("rule", "drops when", "dropped (first rule)", "fails it"):
+        table.add_column(col, justify="right" if col[0] in "df" and col != "drops when" else "left")
+    for rule in ("too_few_rewards", *RULES):
+        table.add_row(rule, report["rules"][rule], str(report["dropped_by_first_rule"][rule]),
+                      str(report["failing_each_rule"][rule]))
+    console.print(table)
+    for name, h in report["histograms"].items():
+        q = h["summary"]
+        if q["median"] is not None:
+            console.print(f"{name:>6}: min {q['min']:.3f}  p25 {q['p25']:.3f}  median {q['median']:.3f}  "
+                          f"p75 {q['p75']:.3f}  max {q['max']:.3f}")
+    console.print(f"report: {out / 'grpo_report.json'}, plot: {out / 'grpo.png'}")

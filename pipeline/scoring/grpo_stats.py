@@ -67,6 +67,12 @@ def grpo_column(responses: Sequence[str], rewards: Sequence[float | None], polic
             "mean": s.mean, "std": s.std, "max": s.max, "median": s.median, "keep": s.keep, "reason": s.reason}
 
 
+def stats_from_records(records: Iterable[dict[str, Any]], config: GrpoFilterConfig | None = None) -> list[GroupStats]:
+    """Recompute every item's statistics from the rewards stored in its ``grpo`` column (records without one are
+    skipped), so that a report can be redrawn, or the thresholds tried out, without sampling again."""
+    return [group_stats(rec["grpo"].get("rewards") or [], config) for rec in records if rec.get("grpo")]
+
+
 def filter_report(stats: Iterable[GroupStats], config: GrpoFilterConfig | None = None) -> dict[str, Any]:
     """Dataset-level summary: kept count, removals by first failing rule and by any failing rule, histograms."""
     config = config or GrpoFilterConfig()
@@ -77,9 +83,10 @@ def filter_report(stats: Iterable[GroupStats], config: GrpoFilterConfig | None =
     hist = {}
     for name in STATS:
         vals = np.array([getattr(s, name) for s in stats if getattr(s, name) is not None], dtype=np.float64)
+        kept_vals = np.array([getattr(s, name) for s in stats if s.keep], dtype=np.float64)
         counts, _ = np.histogram(np.clip(vals, 0.0, 1.0), bins=edges)
-        hist[name] = {"counts": counts.tolist(),
-                      "summary": _summary(vals)}
+        kept_counts, _ = np.histogram(np.clip(kept_vals, 0.0, 1.0), bins=edges)
+        hist[name] = {"counts": counts.tolist(), "kept_counts": kept_counts.tolist(), "summary": _summary(vals)}
     kept = sum(s.keep for s in stats)
     return {
         "items": len(stats), "kept": kept, "dropped": len(stats) - kept,
@@ -113,14 +120,18 @@ def plot_histograms(report: dict[str, Any], path: str | Path, config: GrpoFilter
     lines = {"std": [config.min_std], "max": [config.min_max], "median": [config.median_low, config.median_high]}
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.5), constrained_layout=True)
     for ax, name in zip(axes, STATS):
-        counts = report["histograms"][name]["counts"]
-        ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4C72B0", edgecolor="white")
+        h = report["histograms"][name]
+        ax.bar(edges[:-1], h["counts"], width=np.diff(edges), align="edge", color="#A1B8D8", edgecolor="white",
+               label="all items")
+        ax.bar(edges[:-1], h["kept_counts"], width=np.diff(edges), align="edge", color="#2E5A9C", edgecolor="white",
+               label="kept")
         for x in lines.get(name, []):
             ax.axvline(x, color="#C44E52", linestyle="--", linewidth=1.2)
         ax.set_title(f"reward {name} per item")
         ax.set_xlim(0, 1)
         ax.set_xlabel(name)
     axes[0].set_ylabel("items")
+    axes[0].legend(loc="upper right", fontsize=8)
     fig.suptitle(f"GRPO filter: kept {report['kept']} of {report['items']} items (dashed: thresholds)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -64,3 +64,28 @@ def test_report_counts_and_histograms(tmp_path):
     assert json.loads(json.dumps(rep)) == rep
     png = plot_histograms(rep, tmp_path / "grpo.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_grpo_report_command_on_shards(tmp_path):
+    import pyarrow.parquet as pq
+    import typer
+    from typer.testing import CliRunner
+
+    from gmner_pipeline.schema import empty_record, records_to_table
+    from gmner_pipeline.scoring.cli import grpo_report_command
+
+    groups = ([0.0, 0.2, 0.4, 1.0], [0.5] * 8, [0.0, 0.0, 0.0, 0.9])
+    recs = [empty_record(id=f"r{i}", source="s", grpo=grpo_column(["x"] * len(g), g, "p")) for i, g in enumerate(groups)]
+    recs.append(empty_record(id="no-grpo", source="s"))
+    pq.write_table(records_to_table(recs), tmp_path / "part.parquet")
+    app = typer.Typer()
+    app.command("grpo-report")(grpo_report_command)
+    app.command("noop")(lambda: None)
+    res = CliRunner().invoke(app, ["grpo-report", str(tmp_path / "part.parquet"), "-o", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "rep" / "grpo_report.json").read_text())
+    assert (rep["items"], rep["kept"], rep["dropped_by_first_rule"]["low_std"]) == (3, 1, 1)
+    assert (tmp_path / "rep" / "grpo.png").stat().st_size > 1000
+    lenient = CliRunner().invoke(app, ["grpo-report", str(tmp_path / "part.parquet"), "-o", str(tmp_path / "r2"),
+                                       "--median-low", "0"])
+    assert lenient.exit_code == 0 and json.loads((tmp_path / "r2" / "grpo_report.json").read_text())["kept"] == 2
