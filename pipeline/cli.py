@@ -156,6 +156,12 @@ def view_command(
     console.print(f"wrote {path}")
 
 
+from .scoring.cli import eval_command, grpo_report_command  # noqa: E402 - registered below, after the core commands
+
+app.command("eval")(eval_command)
+app.command("grpo-report")(grpo_report_command)
+
+
 @app.command("stages")
 def stages_command() -> None:
     """List the stages this installation knows."""
