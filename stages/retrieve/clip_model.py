@@ -1,0 +1,269 @@
+"""CLIP through open_clip: resolve real weights (or fail with instructions), then encode texts and images in batches.
+
+Weights are named the way open_clip names them:
+  * a built-in architecture plus a pretrained tag (``ViT-B-32`` + ``openai``): open_clip downloads them once into its
+    cache; offline, they must already be cached;
+  * a built-in (or registered, ``model_config_file``) architecture plus a local checkpoint file;
+  * ``hf-hub:org/repo`` or ``local-dir:/folder`` (``open_clip_config.json`` + weights in one folder).
+``check_weights`` runs in the driver before the run; a model is never built without weights (``require_pretrained``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Generic, Sequence, TypeVar
+
+import numpy as np
+
+from gmner_pipeline.stage import StageSetupError
+
+from .config import ClipConfig
+from .images import UnreadableImage
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+HOW_TO_PROVIDE = (
+    "Provide real CLIP weights in one of these ways:\n"
+    "  * run once with network access so open_clip caches them (tags such as 'openai' are downloaded from the "
+    "Hugging Face hub into ~/.cache/huggingface; set HF_HOME or stages.retrieve.clip.cache_dir to choose where), then "
+    "copy that cache to offline machines;\n"
+    "  * or download a checkpoint file and set stages.retrieve.clip.pretrained=/path/to/weights.safetensors "
+    "(with the matching stages.retrieve.clip.model architecture);\n"
+    "  * or set stages.retrieve.clip.model=local-dir:/path/to/folder holding open_clip_config.json and the weights.\n"
+    "See docs/retrieve.md#weights. The stage never runs with random weights."
+)
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """What will be loaded, resolved before the run: ``kind`` is tag | file | hf-hub | local-dir."""
+
+    model: str
+    pretrained: str | None
+    kind: str
+    checkpoint: str | None  # the local file that holds the weights, when known
+    model_id: str  # recorded in every record and keying the corpus embeddings
+
+
+def register_model_config(cfg: ClipConfig) -> None:
+    if cfg.model_config_file:
+        import open_clip
+
+        path = Path(cfg.model_config_file)
+        if not path.is_file():
+            raise StageSetupError(f"stages.retrieve.clip.model_config_file {path} does not exist")
+        open_clip.add_model_config(path)
+
+
+def _file_digest(path: str | os.PathLike[str], _cache: dict[tuple[str, int, int], str] = {}) -> str:
+    """sha256 of a weights file (first 16 hex), memoised by (path, size, mtime) because checkpoints are large."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        _cache[key] = h.hexdigest()[:16]
+    return _cache[key]
+
+
+def _find_weights_in_dir(folder: Path) -> Path | None:
+    for suffix in _WEIGHT_SUFFIXES:
+        found = sorted(folder.glob(f"*{suffix}"))
+        if found:
+            return found[0]
+    return None
+
+
+def check_weights(cfg: ClipConfig) -> WeightsSpec:
+    """Make sure the configured weights can be loaded, fetching them into open_clip's cache when a network allows;
+    raise ``StageSetupError`` saying how to provide them otherwise. Builds no model."""
+    import open_clip
+    from open_clip import pretrained as oc_pretrained
+
+    register_model_config(cfg)
+    model = cfg.model
+    if model.startswith("local-dir:"):
+        folder = Path(model[len("local-dir:"):])
+        config_file = folder / "open_clip_config.json"
+        weights = _find_weights_in_dir(folder) if folder.is_dir() else None
+        if not config_file.is_file() or weights is None:
+            raise StageSetupError(
+                f"CLIP model {model!r}: the folder must hold open_clip_config.json and a weights file "
+                f"({', '.join(_WEIGHT_SUFFIXES)}); found config={config_file.is_file()}, weights={weights}.\n"
+                + HOW_TO_PROVIDE
+            )
+        digest = hashlib.sha256(config_file.read_bytes()).hexdigest()[:8] + _file_digest(weights)
+        return WeightsSpec(model, None, "local-dir", str(weights), f"open_clip:local-dir:{folder.name}:{digest}")
+    if model.startswith("hf-hub:"):
+        repo = model[len("hf-hub:"):]
+        try:
+            oc_pretrained.download_pretrained_from_hf(repo, filename="open_clip_config.json", cache_dir=cfg.cache_dir)
+            weights = oc_pretrained.download_pretrained_from_hf(repo, cache_dir=cfg.cache_dir)
+        except Exception as exc:
+            raise StageSetupError(f"CLIP model {model!r}: cannot obtain its config/weights ({exc}).\n"
+                                  + HOW_TO_PROVIDE) from None
+        return WeightsSpec(model, None, "hf-hub", str(weights), f"open_clip:hf-hub:{repo}")
+
+    arch = model.replace("/", "-")
+    if arch not in open_clip.list_models():
+        raise StageSetupError(
+            f"unknown open_clip architecture {model!r}; known include ViT-B-32, ViT-B-16, ViT-L-14 (see "
+            "open_clip.list_models()), or register your own with stages.retrieve.clip.model_config_file"
+        )
+    if not cfg.pretrained:
+        raise StageSetupError(f"stages.retrieve.clip.pretrained is not set for {model!r}.\n" + HOW_TO_PROVIDE)
+    tag_cfg = oc_pretrained.get_pretrained_cfg(arch, cfg.pretrained)
+    if tag_cfg:
+        try:
+            path = oc_pretrained.download_pretrained(tag_cfg, cache_dir=cfg.cache_dir)
+        except Exception as exc:
+            raise StageSetupError(
+                f"CLIP weights {arch}/{cfg.pretrained} are not cached and cannot be downloaded ({exc}).\n"
+                + HOW_TO_PROVIDE
+            ) from None
+        return WeightsSpec(arch, cfg.pretrained, "tag", str(path) if path else None,
+                           f"open_clip:{arch}:{cfg.pretrained}")
+    path = Path(cfg.pretrained).expanduser()
+    if path.is_file():
+        return WeightsSpec(arch, str(path), "file", str(path), f"open_clip:{arch}:file-{_file_digest(path)}")
+    tags = oc_pretrained.list_pretrained_tags_by_model(arch)
+    raise StageSetupError(
+        f"stages.retrieve.clip.pretrained={cfg.pretrained!r} is neither a pretrained tag of {arch} "
+        f"(known: {', '.join(tags) or 'none'}) nor an existing file.\n" + HOW_TO_PROVIDE
+    )
+
+
+def resolve_device(cfg: ClipConfig) -> tuple[str, str]:
+    """(device, open_clip precision): auto picks CUDA with fp16 when available, else CPU with fp32."""
+    import torch
+
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise StageSetupError("stages.retrieve.clip.device=cuda but torch sees no GPU; use auto or cpu")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "fp16" if device == "cuda" else "fp32"
+    return device, precision
+
+
+@dataclass
+class EncodedImages(Generic[T]):
+    embeddings: np.ndarray  # [n, d] float32, L2-normalised; NaN rows where the image failed
+    metas: list[Any]  # what the loader returned beside each image (None for failures)
+    errors: list[str | None]  # why an image failed, else None
+
+
+class ClipEncoder:
+    """One loaded CLIP model: batched, normalised text and image embeddings as float32 numpy arrays."""
+
+    def __init__(self, cfg: ClipConfig, spec: WeightsSpec | None = None):
+        import open_clip
+        import torch
+
+        self.cfg = cfg
+        self.spec = spec or check_weights(cfg)
+        self.device, self.precision = resolve_device(cfg)
+        pretrained = None if self.spec.kind in ("hf-hub", "local-dir") else self.spec.pretrained
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                self.spec.model, pretrained=pretrained, precision=self.precision, device=self.device,
+                cache_dir=cfg.cache_dir, require_pretrained=True,
+            )
+        except Exception as exc:
+            raise StageSetupError(f"cannot load CLIP {self.spec.model_id}: {exc}\n" + HOW_TO_PROVIDE) from exc
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(self.spec.model, cache_dir=cfg.cache_dir)
+        self._torch = torch
+        self._pool = ThreadPoolExecutor(max_workers=cfg.loader_threads, thread_name_prefix="clip-load")
+        log.info("loaded CLIP %s on %s (%s)", self.spec.model_id, self.device, self.precision)
+
+    @property
+    def model_id(self) -> str:
+        return self.spec.model_id
+
+    def _autocast(self):
+        torch = self._torch
+        if self.device == "cuda" and self.precision in ("fp16", "bf16"):
+            return torch.autocast("cuda", dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16)
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def _finish(self, features) -> np.ndarray:
+        features = features.float()
+        features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return features.cpu().numpy()
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        torch = self._torch
+        out = []
+        with torch.inference_mode(), self._autocast():
+            for i in range(0, len(texts), self.cfg.batch_size):
+                tokens = self.tokenizer(list(texts[i:i + self.cfg.batch_size])).to(self.device)
+                out.append(self._finish(self.model.encode_text(tokens)))
+        if not out:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(out)
+
+    @property
+    def dim(self) -> int:
+        proj = getattr(self.model, "text_projection", None)
+        if proj is not None and hasattr(proj, "shape"):
+            return int(proj.shape[-1])
+        return int(self.encode_texts(["a"]).shape[1])
+
+    def _prepare(self, load: Callable[[T], tuple[Any, Any]], item: T):
+        try:
+            img, meta = load(item)
+            return self.preprocess(img), meta, None
+        except UnreadableImage as exc:
+            return None, None, str(exc)
+        except OSError as exc:
+            return None, None, f"cannot read image: {exc}"
+
+    def encode_images(self, items: Sequence[T], load: Callable[[T], tuple[Any, Any]]) -> EncodedImages[T]:
+        """Encode ``items`` in batches; ``load(item) -> (PIL image, meta)``. The next batch is decoded and
+        preprocessed in threads while the model runs on the current one, so decoding hides behind compute."""
+        torch = self._torch
+        n, bs = len(items), self.cfg.batch_size
+        embeddings: np.ndarray | None = None
+        metas: list[Any] = [None] * n
+        errors: list[str | None] = [None] * n
+
+        def submit(start: int) -> list[Future]:
+            return [self._pool.submit(self._prepare, load, item) for item in items[start:start + bs]]
+
+        pending = submit(0) if n else []
+        with torch.inference_mode(), self._autocast():
+            for start in range(0, n, bs):
+                results = [f.result() for f in pending]
+                pending = submit(start + bs) if start + bs < n else []
+                rows = [j for j, (tensor, _, _) in enumerate(results) if tensor is not None]
+                for j, (_, meta, err) in enumerate(results):
+                    metas[start + j], errors[start + j] = meta, err
+                if not rows:
+                    continue
+                batch = torch.stack([results[j][0] for j in rows]).to(self.device, non_blocking=True)
+                feats = self._finish(self.model.encode_image(batch))
+                if embeddings is None:
+                    embeddings = np.full((n, feats.shape[1]), np.nan, dtype=np.float32)
+                embeddings[[start + j for j in rows]] = feats
+        if embeddings is None:
+            embeddings = np.full((n, self.dim), np.nan, dtype=np.float32)
+        return EncodedImages(embeddings, metas, errors)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
