@@ -63,7 +63,6 @@ class ConllSource(_Strict):
         "are dropped from the entity list",
     )
     strict_labels: bool = Field(False, description="error on a label that label_map does not cover")
-    max_tokens: int | None = Field(None, ge=1, description="drop longer sentences at ingest (VKEL: 26)")
     limit: int | None = Field(None, ge=1)
 
 
@@ -92,10 +91,10 @@ class RunConfig(_Strict):
     @field_validator("pipeline")
     @classmethod
     def _known_stages(cls, names: list[str]) -> list[str]:
-        from gmner_pipeline.stages import STAGES
+        from gmner_pipeline.stages import STAGES, is_known
 
         for name in names:
-            if name not in STAGES:
+            if not is_known(name):
                 raise ValueError(f"unknown stage {name!r}{_did_you_mean(name, STAGES)}; known: {sorted(STAGES)}")
         if len(set(names)) != len(names):
             raise ValueError(f"a stage appears twice in pipeline: {names}")
@@ -103,11 +102,11 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _validate_stage_sections(self) -> "RunConfig":
-        from gmner_pipeline.stages import STAGES, load_stage
+        from gmner_pipeline.stages import STAGES, is_known, load_stage
 
         validated: dict[str, Any] = {}
         for name, section in self.stages.items():
-            if name not in STAGES:
+            if not is_known(name):
                 raise ValueError(f"stages.{name}: no such stage{_did_you_mean(name, STAGES)}; known: {sorted(STAGES)}")
             model = load_stage(name).Config
             validated[name] = section if isinstance(section, StageConfig) else model.model_validate(section or {})

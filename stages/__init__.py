@@ -11,6 +11,7 @@ from gmner_pipeline.stage import Stage
 STAGES: dict[str, str] = {
     "retrieve": "gmner_pipeline.stages.retrieve:RetrieveStage",
     "template_cot": "gmner_pipeline.stages.template_cot:TemplateCoTStage",
+    "passthrough": "gmner_pipeline.stages.passthrough:PassthroughStage",
 }
 
 # The order stages run in when several are configured (the stage graph is a chain; see README).
@@ -21,10 +22,22 @@ class UnknownStage(KeyError):
     pass
 
 
+def is_known(name: str) -> bool:
+    """A registered name, or a plugin given as ``"package.module:Class"`` (a Stage subclass importable on every
+    Ray node), so users can add stages without editing this package."""
+    return name in STAGES or (":" in name and all(name.split(":")))
+
+
 def load_stage(name: str) -> type[Stage]:
-    try:
+    if name in STAGES:
         target = STAGES[name]
-    except KeyError:
-        raise UnknownStage(f"unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))}") from None
+    elif is_known(name):
+        target = name
+    else:
+        raise UnknownStage(f"unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))} "
+                           "(or a plugin as 'package.module:Class')")
     module_name, class_name = target.split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if not (isinstance(cls, type) and issubclass(cls, Stage)):
+        raise UnknownStage(f"{target} is not a gmner_pipeline.stage.Stage subclass")
+    return cls

@@ -1,0 +1,149 @@
+"""The ``gmner-pipeline`` command: run, status, show, stages (and eval, from the scoring package)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .config import ConfigError, load_config
+from .plan import stages_for_command
+from .stage import StageSetupError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Distributed data synthesis for Grounded Multimodal NER.")
+console = Console(stderr=True)
+
+CONFIG_HELP = "YAML config: a path, or the name of a bundled config (e.g. twitter_gmner). Default: the bundled sample."
+SET_HELP = "Override a config value, e.g. --set run.shard_size=128 --set source.path=/data/gmner (repeatable)."
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)], force=True)
+    for noisy in ("ray", "filelock", "urllib3", "httpx", "openai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+@app.command("run")
+def run_command(
+    target: str = typer.Argument("synthesize", help="'synthesize' runs the configured pipeline; a stage name runs the "
+                                 "pipeline up to that stage (or that stage alone when it is not in the pipeline)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a "
+                                          "local Ray instance)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder (same as --set run.output_dir)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run the pipeline (or part of it). Reruns skip every shard that is already committed."""
+    from . import runner
+    from .report import summary_table
+
+    _setup_logging(verbose)
+    overrides = list(set_)
+    if address:
+        overrides.append(f"run.ray_address={address}")
+    if output:
+        overrides.append(f"run.output_dir={output}")
+    try:
+        cfg = load_config(config, overrides)
+        stages = stages_for_command(cfg, None if target == "synthesize" else target)
+    except ConfigError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # unknown stage etc.
+        _fail(str(exc))
+
+    progress = Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("shards  {task.fields[rate]}"), TimeElapsedColumn(), console=console,
+                        disable=not cfg.run.progress)
+    tasks: dict[str, Any] = {}
+
+    def on_plan(plan: Any, ingest: dict[str, Any]) -> None:
+        console.print(f"ingest: {ingest['records_in']} records in {ingest['num_shards']} shards "
+                      f"({ingest['records_error']} with errors) -> {plan.ingest.dir}")
+        for s in plan.stages:
+            tasks[s.name] = progress.add_task(s.name, total=ingest["num_shards"], rate="")
+        progress.start()
+
+    def on_progress(state: dict[str, Any]) -> None:
+        for name, sp in state.items():
+            rate = f"{sp.records_per_s:,.1f} rec/s" if sp.processed_now else ""
+            progress.update(tasks[name], completed=sp.done, rate=rate)
+
+    try:
+        result = runner.run(cfg, stages, on_progress=on_progress, on_plan=on_plan)
+    except (StageSetupError, runner.RunLockedError, FileNotFoundError) as exc:
+        progress.stop()
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        progress.stop()
+        console.print("[yellow]interrupted[/yellow]: committed shards are kept; rerun the same command to resume")
+        raise typer.Exit(130)
+    on_progress(result.stages)
+    progress.stop()
+    console.print(summary_table(result))
+    console.print(f"output: {result.plan.final_dir}")
+    console.print(f"inspect: gmner-pipeline status {cfg.run.output_dir}   |   "
+                  f"gmner-pipeline show {cfg.run.output_dir} <record id>")
+    if not result.ok:
+        for stage, shard, err in result.failed:
+            console.print(f"[red]failed[/red] {stage} shard {shard}: {err}")
+        console.print("rerun the same command to retry the failed shards")
+        raise typer.Exit(1)
+
+
+@app.command("status")
+def status_command(output_dir: Path = typer.Argument(..., help="The run's output folder.")) -> None:
+    """Per stage: shards done/total, records in/out, drops by reason, errors."""
+    from .report import OutputNotFound, status_table
+
+    try:
+        Console().print(status_table(output_dir))
+    except OutputNotFound as exc:
+        _fail(str(exc))
+
+
+@app.command("show")
+def show_command(
+    output_dir: Path = typer.Argument(..., help="The run's output folder."),
+    record_id: str = typer.Argument(..., help="Record id, e.g. twitter-gmner-v2/train/71044."),
+    stage: Optional[str] = typer.Option(None, help="Show the record as that stage wrote it (default: the last)."),
+) -> None:
+    """Print one record, readable: text, entities and boxes, every stage's results, lineage."""
+    from .report import OutputNotFound, find_record, print_record
+
+    try:
+        rec = find_record(output_dir, record_id, stage)
+    except (OutputNotFound, KeyError) as exc:
+        _fail(str(exc).strip("'\""))
+    print_record(rec, Console())
+
+
+@app.command("stages")
+def stages_command() -> None:
+    """List the stages this installation knows."""
+    from gmner_pipeline.stages import STAGES
+
+    for name, target in STAGES.items():
+        Console().print(f"{name:<14} {target}")
+
+
+def main() -> None:  # pragma: no cover - console entry point alternative
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,123 @@
+"""The run plan: which stages run, in which folder each writes, and the keys that make outputs reusable.
+
+A stage's key hashes its name, version, the record schema's major version, its config (without resources) and the
+key of its input. So the folder ``<output_dir>/<stage>/<key>`` changes exactly when the stage or anything upstream
+changes: an unchanged config recomputes nothing, and a new teacher for ``distill`` recomputes ``distill`` and what
+follows while reusing retrieval, detections and knowledge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig, stable_hash
+from .schema import SCHEMA_MAJOR
+from .stage import Stage, StageConfig
+
+INGEST_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str
+    cls: type[Stage]
+    config: StageConfig
+    key: str
+    upstream_key: str
+    dir: Path
+
+    def manifest(self) -> dict[str, Any]:
+        return {"stage": self.name, "version": self.cls.version, "key": self.key, "upstream_key": self.upstream_key,
+                "schema_major": SCHEMA_MAJOR, "config": self.config.key_payload()}
+
+
+@dataclass(frozen=True)
+class IngestPlan:
+    key: str
+    dir: Path
+    source: dict[str, Any]
+    shard_size: int
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    output_dir: Path
+    ingest: IngestPlan
+    stages: list[StagePlan]
+
+    def stage(self, name: str) -> StagePlan:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    @property
+    def final_dir(self) -> Path:
+        return self.stages[-1].dir if self.stages else self.ingest.dir
+
+
+def source_fingerprint(source: Any) -> str:
+    """A cheap fingerprint of the files a source reads: names, sizes and modification times (no content hashing,
+    so it stays fast on large image folders). Bundled sample: the package version and its files."""
+    h = hashlib.sha256()
+    roots: list[Path] = []
+    if source.kind == "twitter_gmner":
+        root = Path(source.path)
+        roots += [root / "txt", root / "xml"]
+        if source.image_dir:
+            roots.append(Path(source.image_dir))
+    elif source.kind == "conll":
+        roots.append(Path(source.path))
+    elif source.kind == "sample":
+        roots.append(Path(__file__).resolve().parent / "sample")
+    for root in roots:
+        if root.is_file():
+            st = root.stat()
+            h.update(f"{root}|{st.st_size}|{st.st_mtime_ns}".encode())
+            continue
+        if not root.is_dir():
+            h.update(f"{root}|missing".encode())
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                st = os.stat(os.path.join(dirpath, name))
+                h.update(f"{os.path.relpath(os.path.join(dirpath, name), root)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def plan_run(config: RunConfig, stages: list[str] | None = None) -> RunPlan:
+    """Plan the stages ``stages`` (default: ``config.pipeline``) over the configured source."""
+    from gmner_pipeline.stages import load_stage
+
+    out = Path(config.run.output_dir)
+    source = config.source.model_dump(mode="json")
+    ingest_key = stable_hash({"ingest": INGEST_VERSION, "schema_major": SCHEMA_MAJOR, "source": source,
+                              "shard_size": config.run.shard_size, "files": source_fingerprint(config.source)})
+    ingest = IngestPlan(ingest_key, out / "ingest" / ingest_key, source, config.run.shard_size)
+
+    names = stages if stages is not None else config.pipeline
+    plans: list[StagePlan] = []
+    upstream = ingest_key
+    for name in names:
+        cls = load_stage(name)
+        cfg = config.stages.get(name) or cls.Config()
+        key = stable_hash({"stage": name, "version": cls.version, "schema_major": SCHEMA_MAJOR,
+                           "config": cfg.key_payload(), "upstream": upstream, "seed": config.run.seed})
+        plans.append(StagePlan(name, cls, cfg, key, upstream, out / name / key))
+        upstream = key
+    return RunPlan(out, ingest, plans)
+
+
+def stages_for_command(config: RunConfig, target: str | None) -> list[str]:
+    """``run synthesize`` -> the configured pipeline; ``run X`` -> the pipeline up to X, or X alone when the
+    pipeline does not contain it (upstream outputs are reused through their keys either way)."""
+    if target is None:
+        return list(config.pipeline)
+    if target in config.pipeline:
+        return config.pipeline[: config.pipeline.index(target) + 1]
+    return [target]

@@ -1,0 +1,140 @@
+"""What people look at: the end-of-run summary, ``status`` of an output folder, and ``show`` of one record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from .runner import RunResult, stage_totals
+from .schema import table_to_records
+from .shards import SHARD_GLOB, read_json
+
+
+class OutputNotFound(FileNotFoundError):
+    pass
+
+
+def load_latest(output_dir: str | Path) -> dict[str, Any]:
+    path = Path(output_dir) / "latest.json"
+    if not path.is_file():
+        raise OutputNotFound(f"{output_dir} holds no finished run (no latest.json); run `gmner-pipeline run "
+                             f"synthesize --set run.output_dir={output_dir}` first")
+    return read_json(path)
+
+
+def _reasons(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) or "-"
+
+
+def status_table(output_dir: str | Path) -> Table:
+    latest = load_latest(output_dir)
+    table = Table(title=f"{output_dir}  (run {latest['run_id']})", title_justify="left")
+    for col in ("stage", "key", "shards", "records in", "ok", "dropped", "errors", "drops by reason",
+                "errors by stage"):
+        table.add_column(col, justify="right" if col in {"shards", "records in", "ok", "dropped", "errors"} else "left")
+    total_shards = latest["ingest"]["num_shards"]
+    for entry in latest["chain"]:
+        t = stage_totals(Path(entry["dir"]))
+        table.add_row(entry["stage"], entry["key"][:10], f"{t['shards']}/{total_shards}", str(t["records_in"]),
+                      str(t["records_ok"]), str(t["records_dropped"]), str(t["records_error"]),
+                      _reasons(t["drop_reasons"]), _reasons(t["errors_by_stage"]))
+    return table
+
+
+def summary_table(result: RunResult) -> Table:
+    table = Table(title=f"run {result.run_id}: {result.seconds:.1f} s", title_justify="left")
+    for col in ("stage", "shards done", "reused", "records in", "ok", "dropped", "errors", "records/s"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    ing = result.ingest
+    table.add_row("ingest", f"{ing['num_shards']}/{ing['num_shards']}", "", str(ing["records_in"]),
+                  str(ing["records_ok"]), "0", str(ing["records_error"]), "")
+    for s in result.plan.stages:
+        sp = result.stages[s.name]
+        t = stage_totals(s.dir)
+        table.add_row(s.name, f"{sp.done}/{sp.total}", str(sp.done - sp.processed_now), str(t["records_in"]),
+                      str(t["records_ok"]), str(t["records_dropped"]), str(t["records_error"]),
+                      f"{sp.records_per_s:.1f}" if sp.processed_now else "-")
+    return table
+
+
+def find_record(output_dir: str | Path, record_id: str, stage: str | None = None) -> dict[str, Any]:
+    latest = load_latest(output_dir)
+    chain = latest["chain"]
+    entries = [e for e in chain if e["stage"] == stage] if stage else list(reversed(chain))
+    if not entries:
+        raise KeyError(f"stage {stage!r} is not in the last run; stages: {[e['stage'] for e in chain]}")
+    for entry in entries:
+        for path in sorted(Path(entry["dir"]).glob(SHARD_GLOB)):
+            table = pq.read_table(path)
+            hit = table.filter(pc.equal(table.column("id"), record_id))
+            if hit.num_rows:
+                rec = table_to_records(hit)[0]
+                rec["_stage"] = entry["stage"]
+                rec["_shard"] = str(path)
+                return rec
+    raise KeyError(f"no record with id {record_id!r} in {output_dir}; ids look like 'twitter-gmner-v2/train/71044'")
+
+
+def _box(box: Any) -> str:
+    return "[" + ",".join(f"{v:.0f}" for v in box) + "]"
+
+
+def record_view(rec: dict[str, Any]) -> Group:
+    parts: list[Any] = []
+    head = Text()
+    head.append(f"{rec['id']}", style="bold")
+    head.append(f"   stage {rec.get('_stage')}   status ")
+    head.append(rec["status"], style={"ok": "green", "dropped": "yellow", "error": "red"}.get(rec["status"], ""))
+    if rec.get("drop_reason"):
+        head.append(f" ({rec['drop_reason']})")
+    parts.append(head)
+    parts.append(Text(rec.get("text") or "", style="italic"))
+    if rec.get("error"):
+        parts.append(Text(f"error [{rec.get('error_stage')}]: {rec['error']}", style="red"))
+    img = rec.get("image") or {}
+    if img:
+        parts.append(Text(f"image: {img.get('path') or img.get('uri')}  {img.get('width')}x{img.get('height')}  "
+                          f"grounding labels: {rec.get('grounding_labels')}"))
+    ents = Table("entity", "type", "fine type", "tokens", "boxes", title="entities", title_justify="left")
+    for e in rec.get("entities") or []:
+        boxes = " ".join(_box(b) for b in e.get("boxes") or []) or (
+            "not visible" if rec.get("grounding_labels") == "present" else "unknown")
+        ents.add_row(e["text"], e["type"], e.get("fine_type") or "", f"{e['start']}:{e['end']}", boxes)
+    parts.append(ents)
+    if rec.get("retrieval"):
+        r = rec["retrieval"]
+        parts.append(Text(f"retrieval: query {r.get('query')!r}, chosen score {r.get('chosen_score')}, "
+                          f"alpha {r.get('alpha')}, model {r.get('model_id')}"))
+    if rec.get("detections"):
+        d = rec["detections"]
+        parts.append(Text(f"detections ({d.get('backend')}, {d.get('model_id')}): {d.get('annotation_text')}"))
+    for k in rec.get("knowledge") or []:
+        parts.append(Text(f"knowledge {k['entity']} ({k.get('fine_type') or k['type']}): {k.get('knowledge')}"))
+    cot = rec.get("cot") or {}
+    if cot.get("skipped"):
+        parts.append(Text(f"cot skipped: {cot['skipped']}", style="yellow"))
+    for ch in cot.get("chains") or []:
+        title = f"{ch['style']} / {ch['route']}  consistent={ch.get('consistent')}"
+        if ch.get("rejection"):
+            title += f"  rejection={ch['rejection']}"
+        parts.append(Panel(Text(f"{ch.get('think')}\n\nanswer: {ch.get('answer')}"), title=title, title_align="left"))
+    if rec.get("grpo"):
+        g = rec["grpo"]
+        parts.append(Text(f"grpo: keep={g.get('keep')} reason={g.get('reason')} rewards={g.get('rewards')}"))
+    lin = Table("stage", "version", "key", "run", "models", "prompt", title="lineage", title_justify="left")
+    for entry in rec.get("lineage") or []:
+        lin.add_row(entry["stage"], entry.get("stage_version") or "", (entry.get("stage_key") or "")[:10],
+                    entry.get("run_id") or "", ", ".join(entry.get("model_ids") or []), entry.get("prompt_hash") or "")
+    parts.append(lin)
+    return Group(*parts)
+
+
+def print_record(rec: dict[str, Any], console: Console | None = None) -> None:
+    (console or Console()).print(record_view(rec))

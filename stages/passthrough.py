@@ -1,0 +1,36 @@
+"""A stage that passes records through unchanged (plus a lineage entry).
+
+Useful to measure the runner's own overhead, to smoke-test a cluster, and in the runner's fault tests:
+``sleep_per_record`` makes work slow enough to interrupt, ``fail_ids`` makes the stage raise on chosen records.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import Field
+
+from gmner_pipeline.stage import Record, Stage, StageConfig, active
+
+
+class PassthroughConfig(StageConfig):
+    sleep_per_record: float = Field(0.0, ge=0, description="seconds to sleep per record (simulated work)")
+    fail_ids: list[str] = Field(default_factory=list, description="raise on these record ids (fault tests)")
+
+
+class PassthroughStage(Stage):
+    name = "passthrough"
+    version = "1"
+    Config = PassthroughConfig
+
+    def __call__(self, records: list[Record]) -> list[Record]:
+        cfg: PassthroughConfig = self.config  # type: ignore[assignment]
+        for rec in records:
+            if not active(rec):
+                continue
+            if rec["id"] in cfg.fail_ids:
+                raise ValueError(f"passthrough was told to fail on {rec['id']}")
+            if cfg.sleep_per_record:
+                time.sleep(cfg.sleep_per_record)
+            rec["lineage"] = list(rec.get("lineage") or []) + [self.lineage_entry()]
+        return records
