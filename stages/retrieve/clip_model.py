@@ -84,6 +84,39 @@ def _find_weights_in_dir(folder: Path) -> Path | None:
     return None
 
 
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "GMNER_OFFLINE"))
+
+
+def _tag_weights_file(tag_cfg: dict[str, Any], cache_dir: str | None) -> str | None:
+    """The local file of a pretrained tag: from the cache without any network call when it is there, else downloaded
+    (skipped when HF_HUB_OFFLINE/GMNER_OFFLINE is set). None when it cannot be had."""
+    from open_clip import pretrained as oc_pretrained
+
+    hub = tag_cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(hub)
+        names = [filename or "open_clip_pytorch_model.bin"]
+        names = [n[: -len(Path(n).suffix)] + ".safetensors" for n in names if n.endswith((".bin", ".pth"))] + names
+        for name in names:
+            hit = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
+            if isinstance(hit, str) and os.path.isfile(hit):
+                return hit
+    elif tag_cfg.get("url"):
+        cached = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(tag_cfg["url"])
+        if cached.is_file():
+            return str(cached)
+    if _offline():
+        return None
+    try:
+        return oc_pretrained.download_pretrained(tag_cfg, cache_dir=cache_dir) or None
+    except Exception as exc:
+        log.warning("downloading CLIP weights failed: %s", exc)
+        return None
+
+
 def check_weights(cfg: ClipConfig) -> WeightsSpec:
     """Make sure the configured weights can be loaded, fetching them into open_clip's cache when a network allows;
     raise ``StageSetupError`` saying how to provide them otherwise. Builds no model."""
@@ -124,15 +157,13 @@ def check_weights(cfg: ClipConfig) -> WeightsSpec:
         raise StageSetupError(f"stages.retrieve.clip.pretrained is not set for {model!r}.\n" + HOW_TO_PROVIDE)
     tag_cfg = oc_pretrained.get_pretrained_cfg(arch, cfg.pretrained)
     if tag_cfg:
-        try:
-            path = oc_pretrained.download_pretrained(tag_cfg, cache_dir=cfg.cache_dir)
-        except Exception as exc:
+        path = _tag_weights_file(tag_cfg, cfg.cache_dir)
+        if path is None:
             raise StageSetupError(
-                f"CLIP weights {arch}/{cfg.pretrained} are not cached and cannot be downloaded ({exc}).\n"
+                f"CLIP weights {arch}/{cfg.pretrained} are not in the local cache and cannot be downloaded now.\n"
                 + HOW_TO_PROVIDE
-            ) from None
-        return WeightsSpec(arch, cfg.pretrained, "tag", str(path) if path else None,
-                           f"open_clip:{arch}:{cfg.pretrained}")
+            )
+        return WeightsSpec(arch, cfg.pretrained, "tag", path, f"open_clip:{arch}:{cfg.pretrained}")
     path = Path(cfg.pretrained).expanduser()
     if path.is_file():
         return WeightsSpec(arch, str(path), "file", str(path), f"open_clip:{arch}:file-{_file_digest(path)}")
@@ -141,6 +172,23 @@ def check_weights(cfg: ClipConfig) -> WeightsSpec:
         f"stages.retrieve.clip.pretrained={cfg.pretrained!r} is neither a pretrained tag of {arch} "
         f"(known: {', '.join(tags) or 'none'}) nor an existing file.\n" + HOW_TO_PROVIDE
     )
+
+
+def load_arguments(spec: WeightsSpec) -> tuple[str, str | None, dict[str, Any]]:
+    """(model name, pretrained, preprocess overrides) for open_clip.create_model, always naming a LOCAL file so that
+    workers never touch the network: a tag loads its cached file with the tag's preprocessing (what open_clip itself
+    does for a tag), an hf-hub model loads the cached snapshot folder as a local-dir."""
+    from open_clip import pretrained as oc_pretrained
+
+    if spec.kind == "tag":
+        tag_cfg = oc_pretrained.get_pretrained_cfg(spec.model, spec.pretrained or "")
+        keys = ("mean", "std", "interpolation", "resize_mode", "fill_color")
+        return spec.model, spec.checkpoint, {k: tag_cfg[k] for k in keys if tag_cfg.get(k) is not None}
+    if spec.kind == "hf-hub":
+        return f"local-dir:{Path(spec.checkpoint).parent}", None, {}  # type: ignore[arg-type]
+    if spec.kind == "local-dir":
+        return spec.model, None, {}
+    return spec.model, spec.checkpoint, {}
 
 
 def resolve_device(cfg: ClipConfig) -> tuple[str, str]:
@@ -171,21 +219,22 @@ class ClipEncoder:
     def __init__(self, cfg: ClipConfig, spec: WeightsSpec | None = None):
         import open_clip
         import torch
+        from open_clip.transform import PreprocessCfg, image_transform_v2
 
         self.cfg = cfg
         self.spec = spec or check_weights(cfg)
         self.device, self.precision = resolve_device(cfg)
-        pretrained = None if self.spec.kind in ("hf-hub", "local-dir") else self.spec.pretrained
+        model_name, pretrained, preprocess_cfg = load_arguments(self.spec)
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                self.spec.model, pretrained=pretrained, precision=self.precision, device=self.device,
-                cache_dir=cfg.cache_dir, require_pretrained=True,
+            model = open_clip.create_model(
+                model_name, pretrained=pretrained, precision=self.precision, device=self.device,
+                cache_dir=cfg.cache_dir, require_pretrained=True, force_preprocess_cfg=preprocess_cfg,
             )
         except Exception as exc:
             raise StageSetupError(f"cannot load CLIP {self.spec.model_id}: {exc}\n" + HOW_TO_PROVIDE) from exc
         self.model = model.eval()
-        self.preprocess = preprocess
-        self.tokenizer = open_clip.get_tokenizer(self.spec.model, cache_dir=cfg.cache_dir)
+        self.preprocess = image_transform_v2(PreprocessCfg(**self.model.visual.preprocess_cfg), is_train=False)
+        self.tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cfg.cache_dir)
         self._torch = torch
         self._pool = ThreadPoolExecutor(max_workers=cfg.loader_threads, thread_name_prefix="clip-load")
         log.info("loaded CLIP %s on %s (%s)", self.spec.model_id, self.device, self.precision)

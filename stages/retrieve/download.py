@@ -23,7 +23,7 @@ from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import requests
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
 
 from .config import DownloadConfig
 from .images import ACCEPTED_CONTENT_TYPES, UnreadableImage, open_checked, sha256_hex, store_content_addressed
@@ -125,7 +125,7 @@ class SafeDownloader:
         try:
             data = Retrying(
                 stop=stop_after_attempt(self.cfg.retries),
-                wait=wait_exponential_jitter(initial=self.cfg.backoff_s, max=30, jitter=self.cfg.backoff_s),
+                wait=wait_exponential(multiplier=self.cfg.backoff_s, max=30) + wait_random(0, self.cfg.backoff_s),
                 retry=retry_if_exception_type(_Transient),
                 reraise=True,
             )(attempt)

@@ -75,7 +75,7 @@ def open_checked(data: bytes, max_pixels: int) -> tuple[Image.Image, ImageInfo]:
             if width * height > max_pixels:
                 raise UnreadableImage(
                     f"{fmt} of {width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels} "
-                    "(decompression-bomb guard; raise download.max_pixels to accept it)"
+                    "(decompression bomb guard; raise download.max_pixels to accept it)"
                 )
             img.load()
     except UnreadableImage:

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 import requests
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
 
 from gmner_pipeline.stage import StageSetupError
 
@@ -97,7 +97,7 @@ class SearchClient:
                 raise SearchError(f"search endpoint answered non-JSON: {resp.text[:200]!r}") from None
 
         payload = Retrying(stop=stop_after_attempt(self.cfg.retries),
-                           wait=wait_exponential_jitter(initial=self.cfg.backoff_s, max=30),
+                           wait=wait_exponential(multiplier=self.cfg.backoff_s, max=30) + wait_random(0, self.cfg.backoff_s),
                            retry=retry_if_exception_type(_Retryable), reraise=True)(once)
         return extract_urls(payload, self.cfg.results_path, self.cfg.url_field, count)
 
