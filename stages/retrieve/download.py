@@ -182,20 +182,43 @@ class SafeDownloader:
         declared = resp.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > cfg.max_bytes:
             raise _Permanent(DOWNLOAD_FAILED, f"Content-Length {declared} exceeds max_bytes={cfg.max_bytes}")
-        deadline = time.monotonic() + cfg.total_timeout_s
+        # A server can trickle bytes just fast enough to never trip the read timeout: a watchdog closes the
+        # response when the whole-body deadline passes, which makes the blocked read return.
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            conn = getattr(resp.raw, "connection", None) or getattr(resp.raw, "_connection", None)
+            sock = getattr(conn, "sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes a recv blocked in another thread; close() alone may not
+                except OSError:
+                    pass
+            resp.close()
+
+        watchdog = threading.Timer(cfg.total_timeout_s, expire)
+        watchdog.daemon = True
+        watchdog.start()
         chunks, size = [], 0
         try:
             for chunk in resp.iter_content(chunk_size=65536):
                 size += len(chunk)
                 if size > cfg.max_bytes:
                     raise _Permanent(DOWNLOAD_FAILED, f"body exceeds max_bytes={cfg.max_bytes}")
-                if time.monotonic() > deadline:
-                    raise _Permanent(DOWNLOAD_FAILED, f"body took longer than total_timeout_s={cfg.total_timeout_s}")
                 chunks.append(chunk)
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+        except _Permanent:
+            raise
+        except Exception as exc:  # whatever a closed or broken connection raises mid-body
+            if expired.is_set():
+                raise _Permanent(DOWNLOAD_FAILED, f"body took longer than total_timeout_s={cfg.total_timeout_s}") from None
+            if isinstance(exc, requests.exceptions.ContentDecodingError):
+                raise _Permanent(DOWNLOAD_FAILED, f"bad content encoding: {exc}") from None
             raise _Transient(f"{type(exc).__name__} while reading: {exc}") from None
-        except requests.exceptions.ContentDecodingError as exc:
-            raise _Permanent(DOWNLOAD_FAILED, f"bad content encoding: {exc}") from None
+        finally:
+            watchdog.cancel()
+        if expired.is_set():
+            raise _Permanent(DOWNLOAD_FAILED, f"body took longer than total_timeout_s={cfg.total_timeout_s}")
         return b"".join(chunks)
 
     def close(self) -> None:
