@@ -236,20 +236,14 @@ class ClipEncoder:
         self.preprocess = image_transform_v2(PreprocessCfg(**self.model.visual.preprocess_cfg), is_train=False)
         self.tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cfg.cache_dir)
         self._torch = torch
+        # open_clip's low-precision models take inputs of their own dtype (what its training loop does for fp16).
+        self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
         self._pool = ThreadPoolExecutor(max_workers=cfg.loader_threads, thread_name_prefix="clip-load")
         log.info("loaded CLIP %s on %s (%s)", self.spec.model_id, self.device, self.precision)
 
     @property
     def model_id(self) -> str:
         return self.spec.model_id
-
-    def _autocast(self):
-        torch = self._torch
-        if self.device == "cuda" and self.precision in ("fp16", "bf16"):
-            return torch.autocast("cuda", dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16)
-        import contextlib
-
-        return contextlib.nullcontext()
 
     def _finish(self, features) -> np.ndarray:
         features = features.float()
@@ -259,13 +253,35 @@ class ClipEncoder:
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         torch = self._torch
         out = []
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             for i in range(0, len(texts), self.cfg.batch_size):
                 tokens = self.tokenizer(list(texts[i:i + self.cfg.batch_size])).to(self.device)
-                out.append(self._finish(self.model.encode_text(tokens)))
+                out.append(self._finish(self._encode_tokens(tokens)))
         if not out:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.concatenate(out)
+
+    def _encode_tokens(self, tokens):
+        """``model.encode_text``, computed only up to the batch's last end-of-text token when that gives the same
+        numbers: in open_clip's standard CLIP text tower attention is causal and the output is read at the EOT token
+        (the highest id, pooled by argmax), so the padding after it never influences the result. Sentences of <= 26
+        words fill ~30 of the 77 positions, so this makes text encoding several times cheaper."""
+        import open_clip.model as oc_model
+
+        m = self.model
+        if not (type(m) is oc_model.CLIP and getattr(m, "text_pool_type", None) == "argmax"
+                and getattr(m, "attn_mask", None) is not None):
+            return m.encode_text(tokens)
+        length = int(tokens.argmax(dim=-1).max()) + 1
+        tokens = tokens[:, :length]
+        cast_dtype = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast_dtype) + m.positional_embedding[:length].to(cast_dtype)
+        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:length, :length]))
+        x = x[self._torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        proj = m.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, self._torch.nn.Linear) else x @ proj
 
     @property
     def dim(self) -> int:
@@ -296,7 +312,7 @@ class ClipEncoder:
             return [self._pool.submit(self._prepare, load, item) for item in items[start:start + bs]]
 
         pending = submit(0) if n else []
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             for start in range(0, n, bs):
                 results = [f.result() for f in pending]
                 pending = submit(start + bs) if start + bs < n else []
@@ -305,7 +321,7 @@ class ClipEncoder:
                     metas[start + j], errors[start + j] = meta, err
                 if not rows:
                     continue
-                batch = torch.stack([results[j][0] for j in rows]).to(self.device, non_blocking=True)
+                batch = torch.stack([results[j][0] for j in rows]).to(self.device, self.input_dtype, non_blocking=True)
                 feats = self._finish(self.model.encode_image(batch))
                 if embeddings is None:
                     embeddings = np.full((n, feats.shape[1]), np.nan, dtype=np.float32)

@@ -38,6 +38,7 @@ class CandidateSet:
 
 class ImageSource:
     kind: ClassVar[str] = ""
+    needs_query_embeddings: ClassVar[bool] = False  # True when candidates are found by the query's CLIP embedding
 
     def __init__(self, stage_cfg: RetrieveConfig, encoder: Any, store_dir: Path):
         self.stage_cfg = stage_cfg
@@ -51,7 +52,7 @@ class ImageSource:
     def setup(self) -> None:
         pass
 
-    def candidates(self, queries: list[str], query_embeddings: np.ndarray) -> list[CandidateSet]:
+    def candidates(self, queries: list[str], query_embeddings: np.ndarray | None) -> list[CandidateSet]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -62,6 +63,7 @@ class LocalCorpusImageSource(ImageSource):
     """Exact top-k kNN over the corpus embeddings; candidates carry their image embeddings."""
 
     kind = "local_corpus"
+    needs_query_embeddings = True
 
     @classmethod
     def preflight(cls, stage_cfg: RetrieveConfig) -> None:
@@ -85,7 +87,8 @@ class LocalCorpusImageSource(ImageSource):
             log.warning("image corpus %s: no readable images; every sample will be dropped (no_candidates)",
                         cfg.path)
 
-    def candidates(self, queries: list[str], query_embeddings: np.ndarray) -> list[CandidateSet]:
+    def candidates(self, queries: list[str], query_embeddings: np.ndarray | None) -> list[CandidateSet]:
+        assert query_embeddings is not None  # needs_query_embeddings
         scores, indices = self.index.search(query_embeddings, self.stage_cfg.top_k)
         out = []
         for row in indices:
@@ -116,7 +119,7 @@ class WebSearchImageSource(ImageSource):
         self.client = SearchClient(self.stage_cfg.source)
         self.downloader = SafeDownloader(self.stage_cfg.download, self.store_dir)
 
-    def candidates(self, queries: list[str], query_embeddings: np.ndarray) -> list[CandidateSet]:
+    def candidates(self, queries: list[str], query_embeddings: np.ndarray | None) -> list[CandidateSet]:
         k = self.stage_cfg.top_k
         found: list[list[str] | SearchError] = []
         for query in queries:  # one request per query; the per-query retry policy lives in the client

@@ -61,12 +61,17 @@ class RetrieveStage(Stage):
         cfg = self.config
         if cfg.source is None:
             self.preflight(cfg)
-        self.template = load_template(cfg.query_template)
-        self.prompt_hash = prompt_hash(cfg.query_template)
-        self.encoder = ClipEncoder(cfg.clip)
-        self.source: ImageSource = SOURCES[cfg.source.kind](cfg, self.encoder,
-                                                            default_store_dir(cfg, self.context.output_dir))
-        self.source.setup()
+        encoder = ClipEncoder(cfg.clip)
+        source = SOURCES[cfg.source.kind](cfg, encoder, default_store_dir(cfg, self.context.output_dir))
+        source.setup()
+        self.attach(encoder, source)
+
+    def attach(self, encoder: Any, source: ImageSource) -> None:
+        """Use this encoder and source (``setup`` builds them from the config; tests and benchmarks inject theirs)."""
+        self.template = load_template(self.config.query_template)
+        self.prompt_hash = prompt_hash(self.config.query_template)
+        self.encoder = encoder
+        self.source = source
         self.counts: Counter[str] = Counter()
 
     def close(self) -> None:
@@ -105,10 +110,12 @@ class RetrieveStage(Stage):
         cfg = self.config
         queries = [build_query(rec, self.template, cfg.entity_separator) for rec in work]
         score_texts = queries if cfg.score_text == "query" else [record_text(rec) for rec in work]
-        unique = list(dict.fromkeys(queries + score_texts))
+        # Embed each distinct text once; query embeddings only when the source searches by them.
+        needed = (queries if self.source.needs_query_embeddings else []) + score_texts
+        unique = list(dict.fromkeys(needed))
         text_emb = self.encoder.encode_texts(unique)
         row = {text: i for i, text in enumerate(unique)}
-        query_emb = text_emb[[row[q] for q in queries]]
+        query_emb = text_emb[[row[q] for q in queries]] if self.source.needs_query_embeddings else None
         score_emb = text_emb[[row[s] for s in score_texts]]
 
         sets = self.source.candidates(queries, query_emb)

@@ -95,6 +95,10 @@ def test_local_checkpoint_loads_the_saved_weights_and_encodes(tiny_checkpoint, t
     texts = enc.encode_texts(["a cat", "a rocket", "a cat"])
     assert texts.shape == (3, 32) and np.allclose(np.linalg.norm(texts, axis=1), 1, atol=1e-5)
     assert np.allclose(texts[0], texts[2])
+    sentences = ["a cat", "Lionel Messi scores again for Barcelona at Camp Nou Lionel Messi, Barcelona, Camp Nou"]
+    with torch.inference_mode():  # encoding up to the last EOT only gives exactly what open_clip's full pass gives
+        full = torch.nn.functional.normalize(enc.model.encode_text(enc.tokenizer(sentences)), dim=-1).numpy()
+    assert np.allclose(enc.encode_texts(sentences), full, atol=1e-5)
 
     paths = write_images(tmp_path / "imgs", 4)
     (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")

@@ -177,11 +177,7 @@ def unit(*xs):
 def make_stage(answers, **cfg):
     stage = RetrieveStage(RetrieveConfig.model_validate(
         {"source": {"kind": "local_corpus", "path": "unused"}, **cfg}), StageContext(run_id="r1"))
-    stage.template = load_template(stage.config.query_template)
-    stage.prompt_hash = "p"
-    stage.encoder = FakeEncoder(lambda t: unit(1, 0, 0))
-    stage.source = FakeSource(answers)
-    stage.counts = __import__("collections").Counter()
+    stage.attach(FakeEncoder(lambda t: unit(1, 0, 0)), FakeSource(answers))
     return stage
 
 
