@@ -38,7 +38,7 @@ HOW_TO_PROVIDE = (
     "  * or download a checkpoint file and set stages.retrieve.clip.pretrained=/path/to/weights.safetensors "
     "(with the matching stages.retrieve.clip.model architecture);\n"
     "  * or set stages.retrieve.clip.model=local-dir:/path/to/folder holding open_clip_config.json and the weights.\n"
-    "See docs/retrieve.md#weights. The stage never runs with random weights."
+    "See docs/retrieve.md, 'Providing CLIP weights'. The stage never runs with random weights."
 )
 
 
@@ -88,6 +88,17 @@ def _offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "GMNER_OFFLINE"))
 
 
+def _hf_cached(repo: str, names: list[str], cache_dir: str | None) -> str | None:
+    """The first of ``names`` present in the local Hugging Face cache of ``repo`` (no network call)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in names:
+        hit = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return hit
+    return None
+
+
 def _tag_weights_file(tag_cfg: dict[str, Any], cache_dir: str | None) -> str | None:
     """The local file of a pretrained tag: from the cache without any network call when it is there, else downloaded
     (skipped when HF_HUB_OFFLINE/GMNER_OFFLINE is set). None when it cannot be had."""
@@ -95,15 +106,12 @@ def _tag_weights_file(tag_cfg: dict[str, Any], cache_dir: str | None) -> str | N
 
     hub = tag_cfg.get("hf_hub", "")
     if hub:
-        from huggingface_hub import try_to_load_from_cache
-
         repo, filename = os.path.split(hub)
         names = [filename or "open_clip_pytorch_model.bin"]
         names = [n[: -len(Path(n).suffix)] + ".safetensors" for n in names if n.endswith((".bin", ".pth"))] + names
-        for name in names:
-            hit = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
-            if isinstance(hit, str) and os.path.isfile(hit):
-                return hit
+        hit = _hf_cached(repo, names, cache_dir)
+        if hit:
+            return hit
     elif tag_cfg.get("url"):
         cached = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(tag_cfg["url"])
         if cached.is_file():
@@ -139,12 +147,19 @@ def check_weights(cfg: ClipConfig) -> WeightsSpec:
         return WeightsSpec(model, None, "local-dir", str(weights), f"open_clip:local-dir:{folder.name}:{digest}")
     if model.startswith("hf-hub:"):
         repo = model[len("hf-hub:"):]
-        try:
-            oc_pretrained.download_pretrained_from_hf(repo, filename="open_clip_config.json", cache_dir=cfg.cache_dir)
-            weights = oc_pretrained.download_pretrained_from_hf(repo, cache_dir=cfg.cache_dir)
-        except Exception as exc:
-            raise StageSetupError(f"CLIP model {model!r}: cannot obtain its config/weights ({exc}).\n"
-                                  + HOW_TO_PROVIDE) from None
+        config_file = _hf_cached(repo, ["open_clip_config.json"], cfg.cache_dir)
+        weights = _hf_cached(repo, ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"], cfg.cache_dir)
+        if (config_file is None or weights is None) and not _offline():
+            try:
+                oc_pretrained.download_pretrained_from_hf(repo, filename="open_clip_config.json",
+                                                          cache_dir=cfg.cache_dir)
+                weights = oc_pretrained.download_pretrained_from_hf(repo, cache_dir=cfg.cache_dir)
+                config_file = str(Path(weights).parent / "open_clip_config.json")
+            except Exception as exc:
+                log.warning("downloading %s failed: %s", model, exc)
+        if config_file is None or weights is None or not Path(config_file).is_file():
+            raise StageSetupError(f"CLIP model {model!r}: its config/weights are not in the local cache and cannot "
+                                  "be downloaded now.\n" + HOW_TO_PROVIDE)
         return WeightsSpec(model, None, "hf-hub", str(weights), f"open_clip:hf-hub:{repo}")
 
     arch = model.replace("/", "-")

@@ -28,7 +28,7 @@ class ClipConfig(_Strict):
     pretrained: str | None = Field(
         "openai",
         description="open_clip pretrained tag (e.g. openai, laion2b_s34b_b79k) or a local checkpoint file "
-        "(.pt/.bin/.safetensors); ignored (must be null) for hf-hub:/local-dir: models",
+        "(.pt/.bin/.safetensors); ignored for hf-hub:/local-dir: models, which carry their weights",
     )
     model_config_file: str | None = Field(
         None, description="an open_clip model config JSON to register before loading (custom architectures)"

@@ -144,6 +144,20 @@ def test_local_dir_and_a_cached_hub_tag_load_offline(tiny_checkpoint, tiny_encod
     with pytest.raises(StageSetupError, match="not in the local cache"):
         check_weights(ClipConfig(model=TINY, pretrained="tiny_test", cache_dir=str(tmp_path / "empty")))
 
+    # An hf-hub: model whose repository is in the cache loads as that snapshot folder, offline.
+    repo = hub / "models--gmner-test--tiny-hub"
+    snap = repo / "snapshots" / ("b" * 40)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    (snap / "open_clip_config.json").write_text((folder / "open_clip_config.json").read_text())
+    (snap / "open_clip_model.safetensors").write_bytes((folder / "open_clip_model.safetensors").read_bytes())
+    from_hub = ClipEncoder(ClipConfig(model="hf-hub:gmner-test/tiny-hub", cache_dir=str(hub)))
+    assert from_hub.spec.kind == "hf-hub" and from_hub.model_id == "open_clip:hf-hub:gmner-test/tiny-hub"
+    assert np.allclose(from_hub.encode_texts(["hello"]), reference.encode_texts(["hello"]), atol=1e-6)
+    with pytest.raises(StageSetupError, match="not in the local cache"):
+        check_weights(ClipConfig(model="hf-hub:gmner-test/absent", cache_dir=str(hub)))
+
 
 def test_missing_weights_fail_in_preflight_with_instructions(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
