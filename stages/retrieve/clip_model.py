@@ -63,10 +63,14 @@ def register_model_config(cfg: ClipConfig) -> None:
         open_clip.add_model_config(path)
 
 
-def _file_digest(path: str | os.PathLike[str], _cache: dict[tuple[str, int, int], str] = {}) -> str:
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: str | os.PathLike[str]) -> str:
     """sha256 of a weights file (first 16 hex), memoised by (path, size, mtime) because checkpoints are large."""
     stat = os.stat(path)
     key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    _cache = _DIGESTS
     if key not in _cache:
         h = hashlib.sha256()
         with open(path, "rb") as fh:

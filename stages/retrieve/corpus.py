@@ -9,10 +9,10 @@ Layouts (``format: auto`` picks from the path):
   * list: a text file, one image path (relative to the file) or http(s) URL per line; URLs are fetched once with the
     safe downloader into the content-addressed store.
 
-The index lives in ``<index_dir>/<model slug>/``: ``embeddings.npy`` (float32, L2-normalised), ``items.parquet`` (one row
-per embedded image) and ``meta.json`` (model id, corpus, counts, skipped items and why). Items are keyed by location +
-size + mtime, so a rebuild after the corpus changed embeds only new or changed images. One worker builds while the
-others wait on a file lock.
+The index lives in ``<index_dir>/<model slug>/``: ``embeddings.npy`` (float32, L2-normalised), ``items.parquet``
+(one row per embedded image) and ``meta.json`` (model id, corpus, counts, skipped items and why). Items are keyed
+by location + size + mtime, so a rebuild after the corpus changed embeds only new or changed images. One worker
+builds while the others wait on a file lock.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def enumerate_items(cfg: LocalCorpusSource) -> Iterator[CorpusItem]:
             entry = line.strip()
             if not entry or entry.startswith("#"):
                 continue
-            if re.match(r"^https?://", entry, re.I):
+            if re.match(r"^https?://", entry, re.IGNORECASE):
                 yield CorpusItem(entry, entry, "url", "")
             else:
                 path = (root.parent / entry).expanduser()
@@ -280,9 +280,7 @@ def _build(cfg: LocalCorpusSource, encoder: Any, items: list[CorpusItem], known:
         img, info = open_checked(data, max_pixels)
         digest = sha256_hex(data)
         stored = ""
-        if item.kind in ("parquet", "tar"):  # give later stages a plain file to open
-            stored = str(store_content_addressed(data, store_dir, info.extension, digest))
-        elif item.kind == "url":
+        if item.kind in ("parquet", "tar", "url"):  # give later stages a plain local file to open
             stored = str(store_content_addressed(data, store_dir, info.extension, digest))
         return to_rgb(img), {"sha256": digest, "width": info.width, "height": info.height, "stored_path": stored}
 
@@ -293,7 +291,7 @@ def _build(cfg: LocalCorpusSource, encoder: Any, items: list[CorpusItem], known:
     for item in reused:
         rows.append(old_rows[known[item.key]])
         vectors.append(old_emb[known[item.key]])
-    for item, vec, meta, err in zip(fresh, encoded.embeddings, encoded.metas, encoded.errors):
+    for item, vec, meta, err in zip(fresh, encoded.embeddings, encoded.metas, encoded.errors, strict=True):
         if err is not None:
             skipped[item.key] = err
             log.warning("corpus image %s skipped: %s", item.uri, err)

@@ -111,7 +111,7 @@ class SafeDownloader:
     def fetch_many(self, urls: list[str]) -> list[DownloadResult]:
         """Fetch in parallel; a URL listed twice is fetched once."""
         unique = list(dict.fromkeys(urls))
-        results = dict(zip(unique, self._pool.map(self.fetch, unique)))
+        results = dict(zip(unique, self._pool.map(self.fetch, unique), strict=True))
         return [results[url] for url in urls]
 
     def fetch(self, url: str) -> DownloadResult:
@@ -211,7 +211,8 @@ class SafeDownloader:
             raise
         except Exception as exc:  # whatever a closed or broken connection raises mid-body
             if expired.is_set():
-                raise _Permanent(DOWNLOAD_FAILED, f"body took longer than total_timeout_s={cfg.total_timeout_s}") from None
+                raise _Permanent(DOWNLOAD_FAILED,
+                                 f"body took longer than total_timeout_s={cfg.total_timeout_s}") from None
             if isinstance(exc, requests.exceptions.ContentDecodingError):
                 raise _Permanent(DOWNLOAD_FAILED, f"bad content encoding: {exc}") from None
             raise _Transient(f"{type(exc).__name__} while reading: {exc}") from None

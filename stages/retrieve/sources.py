@@ -89,7 +89,7 @@ class LocalCorpusImageSource(ImageSource):
 
     def candidates(self, queries: list[str], query_embeddings: np.ndarray | None) -> list[CandidateSet]:
         assert query_embeddings is not None  # needs_query_embeddings
-        scores, indices = self.index.search(query_embeddings, self.stage_cfg.top_k)
+        _, indices = self.index.search(query_embeddings, self.stage_cfg.top_k)  # the stage rescores
         out = []
         for row in indices:
             cands = []
@@ -128,7 +128,7 @@ class WebSearchImageSource(ImageSource):
             except SearchError as exc:
                 found.append(exc)
         urls = [u for f in found if isinstance(f, list) for u in f]
-        results = dict(zip(urls, self.downloader.fetch_many(urls)))
+        results = dict(zip(urls, self.downloader.fetch_many(urls), strict=True))
         out = []
         for f in found:
             if isinstance(f, SearchError):

@@ -120,7 +120,7 @@ class RetrieveStage(Stage):
 
         sets = self.source.candidates(queries, query_emb)
         self._embed_missing(sets)
-        for rec, query, semb, cset in zip(work, queries, score_emb, sets):
+        for rec, query, semb, cset in zip(work, queries, score_emb, sets, strict=True):
             self._finish(rec, query, semb, cset)
 
     def _embed_missing(self, sets: list[CandidateSet]) -> None:
@@ -136,7 +136,7 @@ class RetrieveStage(Stage):
             return to_rgb(img), None
 
         encoded = self.encoder.encode_images(todo, load)
-        for cand, emb, err in zip(todo, encoded.embeddings, encoded.errors):
+        for cand, emb, err in zip(todo, encoded.embeddings, encoded.errors, strict=True):
             if err is None:
                 cand.embedding = emb
             else:
@@ -156,7 +156,7 @@ class RetrieveStage(Stage):
             for c in cset.candidates
         ]
         retrieval["candidates"] = [{"uri": c.uri, "sha256": c.sha256, "score": s}
-                                   for c, s in zip(cset.candidates, scores)]
+                                   for c, s in zip(cset.candidates, scores, strict=True)]
         decision = decide(scores, [c.failure for c in cset.candidates], cfg.alpha)
         retrieval["chosen_score"] = decision.best_score
         if decision.drop_reason is not None:

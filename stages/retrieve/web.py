@@ -37,7 +37,8 @@ def extract_urls(payload: Any, results_path: str, url_field: str, limit: int) ->
     """The first ``limit`` distinct http(s) URLs found at ``results_path[*].url_field``."""
     results = dig(payload, results_path)
     if not isinstance(results, list):
-        raise SearchError(f"response has no list at {results_path!r} (keys: {sorted(payload)[:10] if isinstance(payload, dict) else type(payload).__name__}); "
+        found = sorted(payload)[:10] if isinstance(payload, dict) else type(payload).__name__
+        raise SearchError(f"response has no list at {results_path!r} (top level: {found}); "
                           "set stages.retrieve.source.results_path")
     urls: list[str] = []
     for result in results:
@@ -84,7 +85,8 @@ class SearchClient:
 
         def once() -> Any:
             try:
-                resp = self.session.get(self.cfg.endpoint, params=params, headers=headers, timeout=self.cfg.timeout_s)
+                resp = self.session.get(self.cfg.endpoint, params=params, headers=headers,
+                                        timeout=self.cfg.timeout_s)
             except (requests.ConnectionError, requests.Timeout) as exc:
                 raise _Retryable(f"search endpoint unreachable: {type(exc).__name__}: {exc}") from None
             if resp.status_code == 429 or resp.status_code >= 500:
@@ -96,8 +98,9 @@ class SearchClient:
             except ValueError:
                 raise SearchError(f"search endpoint answered non-JSON: {resp.text[:200]!r}") from None
 
+        backoff = self.cfg.backoff_s
         payload = Retrying(stop=stop_after_attempt(self.cfg.retries),
-                           wait=wait_exponential(multiplier=self.cfg.backoff_s, max=30) + wait_random(0, self.cfg.backoff_s),
+                           wait=wait_exponential(multiplier=backoff, max=30) + wait_random(0, backoff),
                            retry=retry_if_exception_type(_Retryable), reraise=True)(once)
         return extract_urls(payload, self.cfg.results_path, self.cfg.url_field, count)
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
+from pathlib import Path
 
 import pytest
-from retrieve_server import API_KEY, HostileServer
 
-from gmner_pipeline.stage import StageSetupError
-from gmner_pipeline.stages.retrieve.config import DownloadConfig, WebSearchSource
-from gmner_pipeline.stages.retrieve.download import SafeDownloader
-from gmner_pipeline.stages.retrieve.web import SearchClient, SearchError
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the local test server helper
+from retrieve_server import API_KEY, HostileServer  # noqa: E402
+
+from gmner_pipeline.stage import StageSetupError  # noqa: E402
+from gmner_pipeline.stages.retrieve.config import DownloadConfig, WebSearchSource  # noqa: E402
+from gmner_pipeline.stages.retrieve.download import SafeDownloader  # noqa: E402
+from gmner_pipeline.stages.retrieve.web import SearchClient, SearchError  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

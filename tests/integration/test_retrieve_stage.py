@@ -3,6 +3,7 @@ pretrained CLIP weights exist here), the real loading code, real corpora and a r
 
 from __future__ import annotations
 
+import sys
 import hashlib
 import io
 import json
@@ -19,6 +20,7 @@ from PIL import Image
 open_clip = pytest.importorskip("open_clip")
 torch = pytest.importorskip("torch")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the local test server helper
 from retrieve_server import API_KEY, HostileServer  # noqa: E402
 
 from gmner_pipeline.ingest.text_conll import read_text_conll  # noqa: E402

@@ -116,7 +116,7 @@ def test_image_checks():
     for fmt in ("JPEG", "PNG", "GIF", "BMP", "WEBP"):
         data = _encode(fmt)
         assert sniff_format(data) == fmt
-        img, info = open_checked(data, 1000)
+        _, info = open_checked(data, 1000)
         assert (info.format, info.width, info.height) == (fmt, 8, 6)
     assert sniff_format(b"<html>") is None
     with pytest.raises(UnreadableImage, match="exceeds max_pixels"):
