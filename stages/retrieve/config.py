@@ -103,6 +103,7 @@ class WebSearchSource(_Strict):
     timeout_s: float = Field(15.0, gt=0)
     retries: int = Field(3, ge=1)
     backoff_s: float = Field(1.0, ge=0)
+    concurrency: int = Field(4, ge=1, description="search requests in flight per worker (mind the provider's QPS)")
 
 
 ImageSourceConfig = Annotated[Union[LocalCorpusSource, WebSearchSource], Field(discriminator="kind")]

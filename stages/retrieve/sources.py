@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -118,15 +119,16 @@ class WebSearchImageSource(ImageSource):
         assert isinstance(self.stage_cfg.source, WebSearchSource)
         self.client = SearchClient(self.stage_cfg.source)
         self.downloader = SafeDownloader(self.stage_cfg.download, self.store_dir)
+        self._pool = ThreadPoolExecutor(max_workers=self.stage_cfg.source.concurrency, thread_name_prefix="search")
+
+    def _search(self, query: str) -> list[str] | SearchError:
+        try:
+            return self.client.search(query, self.stage_cfg.top_k)
+        except SearchError as exc:
+            return exc
 
     def candidates(self, queries: list[str], query_embeddings: np.ndarray | None) -> list[CandidateSet]:
-        k = self.stage_cfg.top_k
-        found: list[list[str] | SearchError] = []
-        for query in queries:  # one request per query; the per-query retry policy lives in the client
-            try:
-                found.append(self.client.search(query, k))
-            except SearchError as exc:
-                found.append(exc)
+        found = list(self._pool.map(self._search, queries))  # one request per query, retried inside the client
         urls = [u for f in found if isinstance(f, list) for u in f]
         results = dict(zip(urls, self.downloader.fetch_many(urls), strict=True))
         out = []
@@ -143,6 +145,7 @@ class WebSearchImageSource(ImageSource):
         return out
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
         self.downloader.close()
 
