@@ -9,6 +9,7 @@ import importlib
 from gmner_pipeline.stage import Stage
 
 STAGES: dict[str, str] = {
+    "retrieve": "gmner_pipeline.stages.retrieve:RetrieveStage",
     "template_cot": "gmner_pipeline.stages.template_cot:TemplateCoTStage",
     "passthrough": "gmner_pipeline.stages.passthrough:PassthroughStage",
 }
