@@ -7,7 +7,6 @@ import sys
 import hashlib
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
@@ -23,6 +22,7 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the local test server helper
 from retrieve_server import API_KEY, HostileServer  # noqa: E402
 
+import conftest  # noqa: E402
 from gmner_pipeline.ingest.text_conll import read_text_conll  # noqa: E402
 from gmner_pipeline.schema import records_to_table  # noqa: E402
 from gmner_pipeline.stage import StageContext, StageSetupError  # noqa: E402
@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data" / "retrieve"
 TINY = "gmner-tiny-clip"
 TINY_CONFIG = DATA / f"{TINY}.json"
-SHARED = Path(os.environ.get("GMNER_SHARED_DIR") or REPO.parent / "shared")
+SHARED = conftest.SHARED
 LABEL_MAP = {"person": "PER", "organization": "ORG", "building": "LOC", "location": "LOC", "product": "OTHER"}
 
 
@@ -334,3 +334,27 @@ def test_web_api_source_end_to_end(tiny_checkpoint, tmp_path, monkeypatch):
         rec = failing([empty_record(id="a", source="t", text="alpha", tokens=["alpha"])])[0]
         failing.close()
         assert rec["status"] == "error" and "HTTP 500" in rec["error"] and rec["error_stage"] == "retrieve"
+
+
+@pytest.mark.skipif(not (SHARED / "images").is_dir(), reason="../shared/images absent")
+def test_cli_run_retrieve_on_a_text_only_conll_file(tiny_checkpoint, tmp_path, ray_local):
+    """`gmner-pipeline run retrieve` through the runner: CoNLL ingest -> retrieve shards, drops counted."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from gmner_pipeline.cli import app
+
+    cfg = {
+        "run": {"output_dir": str(tmp_path / "out"), "shard_size": 2, "progress": False},
+        "source": {"kind": "conll", "path": str(DATA / "sample.conll"), "name": "conll-sample",
+                   "label_map": LABEL_MAP},
+        "pipeline": ["retrieve"],
+        "stages": {"retrieve": {"alpha": -1.0, "clip": clip_section(tiny_checkpoint),
+                                "source": {"kind": "local_corpus", "path": str(SHARED / "images"),
+                                           "index_dir": str(tmp_path / "idx")}}},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(app, ["run", "retrieve", "--config", str(tmp_path / "run.yaml")])
+    assert result.exit_code == 0, result.output
+    status = CliRunner().invoke(app, ["status", str(tmp_path / "out")])
+    assert "too_long: 1" in status.output and "3/3" in status.output
