@@ -9,6 +9,7 @@ import importlib
 from gmner_pipeline.stage import Stage
 
 STAGES: dict[str, str] = {
+    "annotate": "gmner_pipeline.stages.annotate:AnnotateStage",
     "template_cot": "gmner_pipeline.stages.template_cot:TemplateCoTStage",
 }
 

@@ -1,0 +1,127 @@
+"""The annotate stage: top-K RTMDet boxes with class names per image (method-spec Stage 2, VKEL §III-D-3)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any, Sequence
+
+import numpy as np
+
+from gmner_pipeline.stage import Record, Stage, StageSetupError, Timer, active, mark_error
+
+from .backends import DetectorBackend, backend_class
+from .boxes import COCO_CLASSES, MalformedDetection, RawDetection, annotation_text, select_top_k, to_schema_boxes
+from .config import AnnotateConfig
+from .images import ImageLoadError, load_bgr
+
+logger = logging.getLogger(__name__)
+
+
+def build_detections(raw: Sequence[RawDetection], *, class_names: Sequence[str], width: int, height: int,
+                     config: AnnotateConfig, model_id: str, backend: str) -> dict[str, Any]:
+    """One image's backend output -> the record's ``detections`` column group."""
+    boxes = to_schema_boxes(select_top_k(raw, config.top_k, config.score_threshold), class_names, width, height)
+    normalise_to = (width, height) if config.annotation_coordinates == "normalized" else None
+    return {"model_id": model_id, "backend": backend, "boxes": boxes,
+            "annotation_text": annotation_text(boxes, normalise_to=normalise_to)}
+
+
+class AnnotateStage(Stage):
+    name = "annotate"
+    version = "1"
+    Config = AnnotateConfig
+
+    def __init__(self, config: AnnotateConfig, context=None):
+        super().__init__(config, context)
+        self.backend: DetectorBackend | None = None
+        self.class_names: Sequence[str] = COCO_CLASSES
+        self.stats: Counter[str] = Counter()
+
+    @classmethod
+    def preflight(cls, config: AnnotateConfig) -> None:
+        try:
+            backend = backend_class(config.detector.backend)
+        except ImportError as exc:
+            raise StageSetupError(f"the {config.detector.backend} backend cannot be imported ({exc}): "
+                                  'install the detect extra: pip install "gmner-pipeline[detect]"') from exc
+        backend.preflight(config.detector)
+
+    def setup(self) -> None:
+        self.backend = backend_class(self.config.detector.backend)(self.config.detector)
+        self.class_names = self.config.class_names or self.backend.class_names or COCO_CLASSES
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+
+    def __call__(self, records: list[Record]) -> list[Record]:
+        if self.backend is None:
+            self.setup()
+        with Timer() as timer:
+            loaded = self._load_images(records)
+            size = self.config.inference_batch_size
+            for start in range(0, len(loaded), size):
+                self._annotate_batch(loaded[start:start + size])
+        if loaded:
+            share = timer.seconds / len(loaded)
+            for record, _ in loaded:
+                if active(record):
+                    record["lineage"] = [*(record.get("lineage") or []),
+                                         self.lineage_entry(model_ids=[self.backend.model_id], seconds=share)]
+        return records
+
+    def _load_images(self, records: list[Record]) -> list[tuple[Record, np.ndarray]]:
+        """Decode each active record's image once; failures go on the record."""
+        loaded = []
+        for record in records:
+            if not active(record):
+                continue
+            path = (record.get("image") or {}).get("path")
+            if not path:
+                self.stats["error_no_image"] += 1
+                mark_error(record, self.name, "record has no image path (image.path is empty): annotate needs an "
+                           "image; run retrieve first for text-only sources")
+                continue
+            try:
+                image = load_bgr(path)
+            except ImageLoadError as exc:
+                self.stats["error_image"] += 1
+                mark_error(record, self.name, str(exc))
+                continue
+            loaded.append((record, image))
+        return loaded
+
+    def _annotate_batch(self, batch: list[tuple[Record, np.ndarray]]) -> None:
+        images = [image for _, image in batch]
+        try:
+            outputs: list[list[RawDetection] | Exception] = list(self.backend.detect(images))
+        except Exception as exc:  # noqa: BLE001 - isolate the image that broke the batch, keep the rest
+            logger.warning("detector failed on a batch of %d (%s); retrying image by image", len(images), exc)
+            outputs = [self._detect_one(image) for image in images]
+        for (record, image), output in zip(batch, outputs):
+            if isinstance(output, Exception):
+                self.stats["error_model"] += 1
+                mark_error(record, self.name, f"detector failed on {record['image']['path']}: {output}")
+                continue
+            height, width = image.shape[:2]
+            try:
+                record["detections"] = build_detections(
+                    output, class_names=self.class_names, width=width, height=height, config=self.config,
+                    model_id=self.backend.model_id, backend=self.backend.name)
+            except MalformedDetection as exc:
+                self.stats["error_model_output"] += 1
+                mark_error(record, self.name, f"{record['image']['path']}: {exc}")
+                continue
+            image_info = record["image"]
+            if image_info.get("width") is None or image_info.get("height") is None:
+                image_info["width"], image_info["height"] = width, height
+            self.stats["annotated"] += 1
+            self.stats["boxes"] += len(record["detections"]["boxes"])
+
+    def _detect_one(self, image: np.ndarray) -> list[RawDetection] | Exception:
+        try:
+            return self.backend.detect([image])[0]
+        except Exception as exc:  # noqa: BLE001
+            return exc
