@@ -86,8 +86,11 @@ def annotation_text(boxes: Iterable[dict], *, normalise_to: tuple[int, int] | No
     return separator.join(parts)
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Greedy NMS (torchvision's semantics: IoU > threshold suppresses); indices of kept boxes, highest score first."""
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max_keep: int | None = None) -> np.ndarray:
+    """Greedy NMS (torchvision's semantics: IoU > threshold suppresses); indices of kept boxes, highest score first.
+
+    ``max_keep`` stops once that many are kept: the same first boxes as a full NMS, in O(max_keep * N).
+    """
     if len(boxes) == 0:
         return np.zeros(0, dtype=np.int64)
     boxes = boxes.astype(np.float64)
@@ -98,6 +101,8 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     while order.size:
         i = order[0]
         keep.append(i)
+        if max_keep is not None and len(keep) >= max_keep:
+            break
         rest = order[1:]
         w = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
         h = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
@@ -107,9 +112,10 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     return np.asarray(keep, dtype=np.int64)
 
 
-def batched_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_threshold: float) -> np.ndarray:
+def batched_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_threshold: float,
+                max_keep: int | None = None) -> np.ndarray:
     """Class-aware NMS: boxes of different classes never suppress each other (offset trick, as mmcv/torchvision)."""
     if len(boxes) == 0:
         return np.zeros(0, dtype=np.int64)
     offsets = labels.astype(np.float64)[:, None] * (float(boxes.max()) + 1.0)
-    return nms(boxes + offsets, scores, iou_threshold)
+    return nms(boxes + offsets, scores, iou_threshold, max_keep)

@@ -12,6 +12,7 @@ installed, ``install()`` leaves it alone.
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import logging
 import sys
@@ -57,6 +58,8 @@ def _module_getattr(name: str) -> Any:
 
 def build_module() -> types.ModuleType:
     module = types.ModuleType(SHIM_NAME, __doc__)
+    # A spec without a loader: importlib/pkgutil lookups work, and mmengine's mmcv_full_available() says False.
+    module.__spec__ = importlib.machinery.ModuleSpec(SHIM_NAME, loader=None, origin=__name__)
     module.nms = _nms  # type: ignore[attr-defined]
     module.get_compiler_version = lambda: "gmner-pipeline mmcv._ext shim (no compiled ops)"  # type: ignore[attr-defined]
     module.get_compiling_cuda_version = lambda: "not compiled"  # type: ignore[attr-defined]

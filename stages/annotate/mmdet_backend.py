@@ -36,21 +36,29 @@ def resolve_model(model: str) -> tuple[Path, str | None]:
         if not path.is_file():
             raise StageSetupError(f"mmdet config not found at {model}")
         return path, None
-    import yaml
-
     configs = _mmdet_root() / ".mim" / "configs"
     stem = model[:-3] if model.endswith(".py") else model
-    for metafile in sorted(configs.glob("*/metafile.yml")):
-        entries = (yaml.safe_load(metafile.read_text(encoding="utf-8")) or {}).get("Models", [])
-        for entry in entries:
+    # The config's own folder first (cheap), then every metafile (for aliases such as "rtmdet-t").
+    own = sorted(configs.glob(f"*/{stem}.py"))
+    metafiles = [p.parent / "metafile.yml" for p in own] + sorted(configs.glob("*/metafile.yml"))
+    for metafile in metafiles:
+        for entry in _metafile_models(metafile):
             if entry.get("Name") == stem or stem in (entry.get("Alias") or []):
-                config = configs.parent / entry["Config"]
-                return config, entry.get("Weights")
-    candidates = sorted(configs.glob(f"*/{stem}.py"))
-    if candidates:
-        return candidates[0], None
+                return configs.parent / entry["Config"], entry.get("Weights")
+    if own:
+        return own[0], None
     raise StageSetupError(f"{model!r} is neither a config file nor an mmdet model-zoo name (see the metafile.yml files "
                           f"under {configs})")
+
+
+def _metafile_models(metafile: Path) -> list[dict]:
+    import yaml
+
+    if not metafile.is_file():
+        return []
+    data = yaml.safe_load(metafile.read_text(encoding="utf-8"))
+    models = data.get("Models", []) if isinstance(data, dict) else []
+    return [m for m in models if isinstance(m, dict)]
 
 
 def _cache_path(url: str) -> Path:

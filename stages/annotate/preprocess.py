@@ -10,7 +10,8 @@ import numpy as np
 
 
 class Letterbox(NamedTuple):
-    scale: float  # resized = original * scale
+    scale_x: float  # resized width / original width (differs from scale_y by the rounding to whole pixels)
+    scale_y: float
     pad_x: int  # left padding, pixels of the model input
     pad_y: int  # top padding
 
@@ -31,7 +32,7 @@ def letterbox(image: np.ndarray, size: tuple[int, int], pad_value: float = 114.0
     pad_y = (out_h - new_h) // 2 if center else 0
     canvas = np.full((out_h, out_w, image.shape[2]), pad_value, dtype=image.dtype)
     canvas[pad_y:pad_y + new_h, pad_x:pad_x + new_w] = resized
-    return canvas, Letterbox(scale, pad_x, pad_y)
+    return canvas, Letterbox(new_w / w, new_h / h, pad_x, pad_y)
 
 
 def to_model_input(images_bgr: Sequence[np.ndarray], channel_order: str, mean: Sequence[float],
@@ -50,6 +51,6 @@ def to_model_input(images_bgr: Sequence[np.ndarray], channel_order: str, mean: S
 def boxes_to_original(boxes: np.ndarray, lb: Letterbox) -> np.ndarray:
     """Model-input pixel boxes (N, 4) -> original-image pixels (undo padding, then scaling)."""
     out = boxes.astype(np.float64).copy()
-    out[:, [0, 2]] = (out[:, [0, 2]] - lb.pad_x) / lb.scale
-    out[:, [1, 3]] = (out[:, [1, 3]] - lb.pad_y) / lb.scale
+    out[:, [0, 2]] = (out[:, [0, 2]] - lb.pad_x) / lb.scale_x  # per-axis, as mmdet's scale_factor
+    out[:, [1, 3]] = (out[:, [1, 3]] - lb.pad_y) / lb.scale_y
     return out

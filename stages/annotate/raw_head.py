@@ -48,5 +48,5 @@ def decode_rtmdet(cls_logits: Sequence[np.ndarray], box_dists: Sequence[np.ndarr
     in_h, in_w = input_hw
     boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, in_w)
     boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, in_h)
-    keep = batched_nms(boxes, scores, labels, iou_threshold)[:max_per_image]
+    keep = batched_nms(boxes, scores, labels, iou_threshold, max_keep=max_per_image)
     return boxes[keep], scores[keep], labels[keep]
