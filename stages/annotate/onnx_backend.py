@@ -60,6 +60,17 @@ def detect_output_format(output_shapes: Sequence[Sequence]) -> str:
     )
 
 
+def split_raw_head_outputs(names: Sequence[str]) -> tuple[list[int], list[int]]:
+    """Which outputs are class maps and which box maps: by name when the names say so, else first half / second half
+    (the order of mmdet's ``(cls_scores, bbox_preds)``)."""
+    half = len(names) // 2
+    cls = [i for i, n in enumerate(names) if "cls" in n.lower() or "score" in n.lower()]
+    box = [i for i, n in enumerate(names) if i not in cls and ("box" in n.lower() or "reg" in n.lower())]
+    if len(cls) == len(box) == half:
+        return cls, box
+    return list(range(half)), list(range(half, len(names)))
+
+
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -109,6 +120,7 @@ class OnnxBackend(DetectorBackend):
         self.output_names = [o.name for o in outputs]
         self.output_format = (config.output_format if config.output_format != "auto"
                               else detect_output_format([o.shape for o in outputs]))
+        self.cls_outputs, self.box_outputs = split_raw_head_outputs(self.output_names)
         self._class_names = parse_class_metadata(self.session.get_modelmeta().custom_metadata_map)
         logger.info("onnxruntime detector %s: %s format, input %s, providers %s", self._model_id,
                     self.output_format, self.input_hw, self.session.get_providers())
@@ -129,18 +141,25 @@ class OnnxBackend(DetectorBackend):
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[RawDetection]]:
         batch, boxes_info = self.preprocess(images)
-        if self.static_batch is not None and self.static_batch != len(images):
-            # A fixed-batch export: run it in chunks of its own size.
-            outputs = [self.session.run(None, {self.input_name: batch[i:i + 1]}) for i in range(len(images))]
-            outputs = [np.concatenate([o[k] for o in outputs]) for k in range(len(outputs[0]))]
-        else:
-            outputs = self.session.run(None, {self.input_name: batch})
+        outputs = self._run(batch)
         results = []
         for i, lb in enumerate(boxes_info):
             boxes, scores, labels = self._postprocess(outputs, i)
             boxes = boxes_to_original(boxes, lb)
             results.append([RawDetection(int(l), float(s), tuple(b)) for b, s, l in zip(boxes, scores, labels)])
         return results
+
+    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
+        size = self.static_batch
+        if size is None or size == len(batch):
+            return self.session.run(None, {self.input_name: batch})
+        # A fixed-batch export: run chunks of its own size, the last one padded by repeating its final image.
+        chunks = []
+        for start in range(0, len(batch), size):
+            chunk = batch[start:start + size]
+            filled = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
+            chunks.append([out[:len(chunk)] for out in self.session.run(None, {self.input_name: filled})])
+        return [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]
 
     def _postprocess(self, outputs: list[np.ndarray], i: int):
         if self.output_format == "end2end":
@@ -149,7 +168,7 @@ class OnnxBackend(DetectorBackend):
                 raise ValueError(f"malformed end2end output: dets {dets.shape}, labels {labels.shape}")
             valid = dets[:, 4] > 0  # mmdeploy pads every image of a batch to the same number of rows
             return dets[valid, :4], dets[valid, 4], labels[valid].astype(np.int64)
-        half = len(outputs) // 2
         cfg = self.config
-        return decode_rtmdet([o[i] for o in outputs[:half]], [o[i] for o in outputs[half:]], cfg.strides,
+        return decode_rtmdet([outputs[k][i] for k in self.cls_outputs], [outputs[k][i] for k in self.box_outputs],
+                             cfg.strides,
                              self.input_hw, cfg.raw_score_threshold, cfg.nms_pre, cfg.nms_iou, cfg.max_per_image)

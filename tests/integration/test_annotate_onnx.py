@@ -3,7 +3,6 @@ photos in ../shared/images. Skipped when ../shared (beside the repository) is ab
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from gmner_pipeline.schema import STATUS_ERROR, STATUS_OK, empty_record, records
 from gmner_pipeline.stages.annotate import AnnotateConfig, AnnotateStage  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("GMNER_SHARED_DIR", REPO.parent / "shared"))
+SHARED = REPO.parent / "shared"  # ../shared beside the repository root (as in CI)
 MODEL = SHARED / "models" / "rtmdet-nano-person.onnx"
 IMAGES = SHARED / "images"
 

@@ -15,7 +15,8 @@ from gmner_pipeline.stages.annotate import AnnotateConfig, AnnotateStage
 from gmner_pipeline.stages.annotate.backends import BACKENDS, DetectorBackend, backend_class
 from gmner_pipeline.stages.annotate.boxes import (COCO_CLASSES, MalformedDetection, RawDetection, annotation_text,
                                                   batched_nms, nms, normalise_box, select_top_k, to_schema_boxes)
-from gmner_pipeline.stages.annotate.onnx_backend import detect_output_format, parse_class_metadata
+from gmner_pipeline.stages.annotate.onnx_backend import (detect_output_format, parse_class_metadata,
+                                                        split_raw_head_outputs)
 from gmner_pipeline.stages.annotate.preprocess import boxes_to_original, letterbox, to_model_input
 from gmner_pipeline.stages.annotate.raw_head import decode_rtmdet
 
@@ -108,6 +109,8 @@ def test_onnx_metadata_and_output_layout():
     assert parse_class_metadata({}) is None
     assert detect_output_format([["b", "n", 5], ["b", "n"]]) == "end2end"
     assert detect_output_format([[1, 80, 40, 40]] * 3 + [[1, 4, 40, 40]] * 3) == "raw_head"
+    assert split_raw_head_outputs(["bbox_8", "cls_8", "bbox_16", "cls_16"]) == ([1, 3], [0, 2])
+    assert split_raw_head_outputs(["o1", "o2", "o3", "o4"]) == ([0, 1], [2, 3])
     with pytest.raises(StageSetupError, match="output_format"):
         detect_output_format([[1, 3549, 85]])
 
@@ -230,3 +233,24 @@ def test_malformed_model_output_is_an_error_on_the_record(tmp_path):
     out = stage([empty_record(id="a", source="t", image={"path": write_image(tmp_path / "a.png")})])
     assert out[0]["status"] == STATUS_ERROR and "class index 7" in out[0]["error"]
     assert stage.stats["error_model_output"] == 1
+
+
+def test_fixed_batch_exports_run_in_padded_chunks():
+    from gmner_pipeline.stages.annotate.onnx_backend import OnnxBackend
+
+    class FixedBatchSession:
+        def __init__(self):
+            self.seen = []
+
+        def run(self, _names, feeds):
+            x = feeds["input"]
+            assert len(x) == 3, "a fixed-batch model only takes its own batch size"
+            self.seen.append(x[:, 0, 0, 0].tolist())
+            return [x[:, 0, 0, 0] * 2]
+
+    backend = object.__new__(OnnxBackend)  # only _run is under test: no model file needed
+    backend.session, backend.input_name, backend.static_batch = FixedBatchSession(), "input", 3
+    batch = np.arange(5, dtype=np.float32).reshape(5, 1, 1, 1)
+    (out,) = backend._run(batch)
+    assert out.tolist() == [0, 2, 4, 6, 8]
+    assert backend.session.seen == [[0, 1, 2], [3, 4, 4]]
