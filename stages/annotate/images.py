@@ -8,6 +8,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
 class ImageLoadError(ValueError):
     """The image cannot be used; the message names the file and the reason."""
 
@@ -19,7 +22,10 @@ def load_bgr(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            rgb = ImageOps.exif_transpose(img).convert("RGB")
+            # Only photos with an EXIF rotation need transposing (exif_transpose would copy every image).
+            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                img = ImageOps.exif_transpose(img)
+            rgb = img if img.mode == "RGB" else img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageLoadError(f"cannot decode image {path}: {exc}") from exc
     array = np.asarray(rgb)

@@ -254,3 +254,16 @@ def test_fixed_batch_exports_run_in_padded_chunks():
     (out,) = backend._run(batch)
     assert out.tolist() == [0, 2, 4, 6, 8]
     assert backend.session.seen == [[0, 1, 2], [3, 4, 4]]
+
+
+def test_decoding_applies_exif_rotation_and_gives_bgr(tmp_path):
+    from gmner_pipeline.stages.annotate.images import load_bgr
+
+    img = Image.new("RGB", (40, 20), (255, 0, 0))  # red, landscape
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    img.save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    img.save(tmp_path / "plain.png")
+    rotated, plain = load_bgr(tmp_path / "rotated.jpg"), load_bgr(tmp_path / "plain.png")
+    assert rotated.shape == (40, 20, 3) and plain.shape == (20, 40, 3)
+    assert tuple(plain[0, 0]) == (0, 0, 255)  # BGR
