@@ -132,7 +132,8 @@ def main() -> None:
     parser.add_argument("--backend", choices=["onnxruntime", "mmdet"], default="onnxruntime")
     parser.add_argument("--model", help="onnx file, or mmdet config / model-zoo name")
     parser.add_argument("--checkpoint", help="mmdet checkpoint")
-    parser.add_argument("--random-tiny", action="store_true", help="mmdet: RTMDet-tiny with random weights (speed only)")
+    parser.add_argument("--random-tiny", action="store_true",
+                        help="mmdet: RTMDet-tiny with random weights (speed only)")
     parser.add_argument("--images", default=str(REPO.parent / "shared" / "images"))
     parser.add_argument("--num-images", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (both loops)")

@@ -155,8 +155,8 @@ class MmdetBackend(DetectorBackend):
             boxes = pred.bboxes.cpu().numpy()
             scores = pred.scores.cpu().numpy()
             labels = pred.labels.cpu().numpy()
-            results.append([RawDetection(int(l), float(s), tuple(map(float, b)))
-                            for b, s, l in zip(boxes, scores, labels)])
+            results.append([RawDetection(int(label), float(s), tuple(map(float, b)))
+                            for b, s, label in zip(boxes, scores, labels, strict=True)])
         return results
 
     def close(self) -> None:

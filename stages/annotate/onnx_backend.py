@@ -146,7 +146,8 @@ class OnnxBackend(DetectorBackend):
         for i, lb in enumerate(boxes_info):
             boxes, scores, labels = self._postprocess(outputs, i)
             boxes = boxes_to_original(boxes, lb)
-            results.append([RawDetection(int(l), float(s), tuple(b)) for b, s, l in zip(boxes, scores, labels)])
+            results.append([RawDetection(int(label), float(s), tuple(b))
+                            for b, s, label in zip(boxes, scores, labels, strict=True)])
         return results
 
     def _run(self, batch: np.ndarray) -> list[np.ndarray]:

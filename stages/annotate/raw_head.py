@@ -23,7 +23,7 @@ def decode_rtmdet(cls_logits: Sequence[np.ndarray], box_dists: Sequence[np.ndarr
     if not (len(cls_logits) == len(box_dists) == len(strides)):
         raise ValueError(f"raw head: {len(cls_logits)} class maps, {len(box_dists)} box maps, {len(strides)} strides")
     all_boxes, all_scores, all_labels = [], [], []
-    for logits, dists, stride in zip(cls_logits, box_dists, strides):
+    for logits, dists, stride in zip(cls_logits, box_dists, strides, strict=True):
         num_classes, h, w = logits.shape
         if dists.shape != (4, h, w):
             raise ValueError(f"raw head: box map {dists.shape} does not match class map {logits.shape}")

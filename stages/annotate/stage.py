@@ -97,10 +97,12 @@ class AnnotateStage(Stage):
         images = [image for _, image in batch]
         try:
             outputs: list[list[RawDetection] | Exception] = list(self.backend.detect(images))
+            if len(outputs) != len(images):
+                raise ValueError(f"detector returned {len(outputs)} results for {len(images)} images")
         except Exception as exc:  # noqa: BLE001 - isolate the image that broke the batch, keep the rest
             logger.warning("detector failed on a batch of %d (%s); retrying image by image", len(images), exc)
             outputs = [self._detect_one(image) for image in images]
-        for (record, image), output in zip(batch, outputs):
+        for (record, image), output in zip(batch, outputs, strict=True):
             if isinstance(output, Exception):
                 self.stats["error_model"] += 1
                 mark_error(record, self.name, f"detector failed on {record['image']['path']}: {output}")

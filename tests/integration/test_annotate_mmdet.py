@@ -93,7 +93,7 @@ def test_raw_head_onnx_export_decodes_like_mmdet(tiny, mmdet_stage, photos, tmp_
     ours = OnnxBackend(OnnxDetectorConfig(path=str(onnx_path), input_size=(SIZE, SIZE)))
     assert ours.output_format == "raw_head"
     got = ours.detect(images)
-    for exp, out in zip(expected, got):
+    for exp, out in zip(expected, got, strict=True):
         assert len(out) == len(exp) == 300
         top_exp, top_out = exp[:50], out[:50]
         assert [d.label for d in top_out] == [d.label for d in top_exp]

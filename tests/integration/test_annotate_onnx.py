@@ -91,7 +91,7 @@ def test_stage_boxes_equal_a_direct_onnxruntime_call_within_1px(annotated):
         expected = direct_onnxruntime(path, session)
         got = record["detections"]["boxes"]
         assert len(got) == len(expected), path
-        for item, (score, box) in zip(got, expected):
+        for item, (score, box) in zip(got, expected, strict=True):
             assert item["label"] == "person"
             assert item["score"] == pytest.approx(score, abs=1e-4)
             np.testing.assert_allclose(item["box"], box, atol=1.0, err_msg=path)
