@@ -67,5 +67,6 @@ class AnnotateConfig(StageConfig):
     class_names: Optional[list[str]] = Field(
         None, description="label index -> name; default: the model's metadata, else COCO-80")
     inference_batch_size: int = Field(8, ge=1, description="images per forward pass")
+    decode_workers: int = Field(2, ge=1, description="threads decoding the next batch's images during inference")
     annotation_coordinates: Literal["pixels", "normalized"] = Field(
         "pixels", description="coordinates in annotation_text (boxes themselves are always original pixels)")

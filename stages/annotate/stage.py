@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Sequence
 
 import numpy as np
@@ -25,6 +26,14 @@ def build_detections(raw: Sequence[RawDetection], *, class_names: Sequence[str],
     normalise_to = (width, height) if config.annotation_coordinates == "normalized" else None
     return {"model_id": model_id, "backend": backend, "boxes": boxes,
             "annotation_text": annotation_text(boxes, normalise_to=normalise_to)}
+
+
+def _load_or_error(path: str) -> np.ndarray | ImageLoadError:
+    """Decode one image (each image is decoded exactly once); runs in a worker thread, so it returns the error."""
+    try:
+        return load_bgr(path)
+    except ImageLoadError as exc:
+        return exc
 
 
 class AnnotateStage(Stage):
@@ -60,38 +69,44 @@ class AnnotateStage(Stage):
         if self.backend is None:
             self.setup()
         with Timer() as timer:
-            loaded = self._load_images(records)
+            todo = [r for r in records if active(r) and self._has_image_path(r)]
             size = self.config.inference_batch_size
-            for start in range(0, len(loaded), size):
-                self._annotate_batch(loaded[start:start + size])
-        if loaded:
-            share = timer.seconds / len(loaded)
-            for record, _ in loaded:
+            chunks = [todo[start:start + size] for start in range(0, len(todo), size)]
+            # Decode the next batch in threads while the detector runs on this one (PIL and the engines release
+            # the GIL), so that image decoding hides behind inference instead of adding to it.
+            with ThreadPoolExecutor(max_workers=self.config.decode_workers) as pool:
+                pending = self._decode(pool, chunks[0]) if chunks else None
+                for k in range(len(chunks)):
+                    decoded = [(record, self._image_or_error(record, future.result())) for record, future in pending]
+                    pending = self._decode(pool, chunks[k + 1]) if k + 1 < len(chunks) else None
+                    self._annotate_batch([(r, image) for r, image in decoded if image is not None])
+        if todo:
+            share = timer.seconds / len(todo)
+            for record in todo:
                 if active(record):
                     record["lineage"] = [*(record.get("lineage") or []),
                                          self.lineage_entry(model_ids=[self.backend.model_id], seconds=share)]
         return records
 
-    def _load_images(self, records: list[Record]) -> list[tuple[Record, np.ndarray]]:
-        """Decode each active record's image once; failures go on the record."""
-        loaded = []
-        for record in records:
-            if not active(record):
-                continue
-            path = (record.get("image") or {}).get("path")
-            if not path:
-                self.stats["error_no_image"] += 1
-                mark_error(record, self.name, "record has no image path (image.path is empty): annotate needs an "
-                           "image; run retrieve first for text-only sources")
-                continue
-            try:
-                image = load_bgr(path)
-            except ImageLoadError as exc:
-                self.stats["error_image"] += 1
-                mark_error(record, self.name, str(exc))
-                continue
-            loaded.append((record, image))
-        return loaded
+    def _has_image_path(self, record: Record) -> bool:
+        if (record.get("image") or {}).get("path"):
+            return True
+        self.stats["error_no_image"] += 1
+        mark_error(record, self.name, "record has no image path (image.path is empty): annotate needs an image; run "
+                   "retrieve first for text-only sources")
+        return False
+
+    @staticmethod
+    def _decode(pool: ThreadPoolExecutor, chunk: list[Record]) -> list[tuple[Record, Future]]:
+        return [(record, pool.submit(_load_or_error, record["image"]["path"])) for record in chunk]
+
+    def _image_or_error(self, record: Record, result: np.ndarray | ImageLoadError) -> np.ndarray | None:
+        """In the calling thread: a decoding failure goes on the record and into the stats."""
+        if isinstance(result, ImageLoadError):
+            self.stats["error_image"] += 1
+            mark_error(record, self.name, str(result))
+            return None
+        return result
 
     def _annotate_batch(self, batch: list[tuple[Record, np.ndarray]]) -> None:
         images = [image for _, image in batch]
