@@ -61,6 +61,8 @@ class AnnotateStage(Stage):
         self.class_names = self.config.class_names or self.backend.class_names or COCO_CLASSES
 
     def close(self) -> None:
+        if self.stats:
+            logger.info("annotate: %s", ", ".join(f"{k}={v}" for k, v in sorted(self.stats.items())))
         if self.backend is not None:
             self.backend.close()
             self.backend = None
