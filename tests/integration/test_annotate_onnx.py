@@ -13,11 +13,12 @@ cv2 = pytest.importorskip("cv2")
 
 from PIL import Image  # noqa: E402
 
+import conftest  # noqa: E402
 from gmner_pipeline.schema import STATUS_ERROR, STATUS_OK, empty_record, records_to_table  # noqa: E402
 from gmner_pipeline.stages.annotate import AnnotateConfig, AnnotateStage  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared"  # ../shared beside the repository root (as in CI)
+SHARED = conftest.SHARED  # ../shared beside the repository root (as in CI), or GMNER_SHARED_DIR
 MODEL = SHARED / "models" / "rtmdet-nano-person.onnx"
 IMAGES = SHARED / "images"
 
@@ -122,3 +123,22 @@ def test_bad_images_among_real_ones(tmp_path):
     assert "cannot decode" in out[1]["error"] and "not found" in out[2]["error"]
     assert out[0]["detections"]["boxes"][0]["label"] == "person" and out[3]["detections"]["boxes"]
     assert stage.stats["error_image"] == 2
+
+
+@pytest.mark.skipif(not MODEL.is_file(), reason=f"{MODEL} absent")
+def test_cli_run_annotate_on_the_bundled_sample(tmp_path, monkeypatch, ray_local):
+    """`gmner-pipeline run synthesize --config sample_annotate`: sample -> annotate (real weights) -> template CoT."""
+    from typer.testing import CliRunner
+
+    from gmner_pipeline.cli import app
+    from gmner_pipeline.report import find_record
+
+    monkeypatch.setenv("RTMDET_ONNX", str(MODEL))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", "synthesize", "--config", "sample_annotate", "--output", str(out),
+                                      "--set", "run.progress=false"])
+    assert result.exit_code == 0, result.output
+    rec = find_record(out, "gmner-sample/train/astronaut")
+    labels = [b["label"] for b in rec["detections"]["boxes"]]
+    assert "person" in labels and rec["detections"]["annotation_text"].startswith("person: [")
+    assert rec["cot"]["chains"] and rec["status"] == "ok"

@@ -7,18 +7,18 @@ whether they were groundable), not from what the scorer printed. Skipped when ..
 from __future__ import annotations
 
 import json
-import os
 import random
-from pathlib import Path
 
 import pytest
+
+import conftest
 
 from gmner_pipeline.answer import Triple, format_answer, gold_triples
 from gmner_pipeline.scoring import EvalConfig, RewardConfig, Sample, evaluate, reward_components
 from gmner_pipeline.scoring.boxes import iou
 
 # ../shared beside the repo root (CI layout); GMNER_SHARED_DIR points elsewhere (e.g. from a git worktree).
-SHARED = Path(os.environ.get("GMNER_SHARED_DIR", Path(__file__).resolve().parents[2].parent / "shared"))
+SHARED = conftest.SHARED
 GMNER_V2 = SHARED / "data" / "twitter-gmner-v2"
 pytestmark = [pytest.mark.shared_data,
               pytest.mark.skipif(not GMNER_V2.exists(), reason=f"{GMNER_V2} is absent (../shared data)")]
