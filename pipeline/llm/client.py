@@ -49,7 +49,11 @@ class MalformedResponse(Exception):
 
 
 class NoEndpoint(Exception):
-    pass
+    """The role has no endpoints configured."""
+
+
+class EndpointsDown(Exception):
+    """Every endpoint of the role is out of rotation and none comes back within the request's time budget."""
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -58,6 +62,11 @@ def is_retryable(exc: BaseException) -> bool:
         return exc.status_code in RETRYABLE_STATUS or exc.status_code >= 500
     return isinstance(exc, (openai.APIConnectionError, MalformedResponse, openai.APIResponseValidationError,
                             json.JSONDecodeError, pydantic.ValidationError, httpx2.TransportError))
+
+
+def _is_throttle(exc: BaseException) -> bool:
+    """429: the server is alive but busy. It is retried with backoff, but does not count against the endpoint."""
+    return isinstance(exc, openai.APIStatusError) and exc.status_code == 429
 
 
 def _error_kind(exc: BaseException) -> str:
@@ -70,7 +79,7 @@ def _error_kind(exc: BaseException) -> str:
     if isinstance(exc, (MalformedResponse, json.JSONDecodeError, openai.APIResponseValidationError,
                         pydantic.ValidationError)):
         return kinds.MALFORMED
-    if is_retryable(exc):
+    if is_retryable(exc) or isinstance(exc, EndpointsDown):
         return kinds.EXHAUSTED
     return kinds.INTERNAL
 
@@ -109,6 +118,7 @@ class Endpoint:
         self.open_until = 0.0      # monotonic time until which the endpoint is out of rotation
         self.cooldown = circuit.cooldown_s
         self.probing = False
+        self.last_error = ""
 
     def __repr__(self) -> str:  # never the key
         return f"Endpoint({self.config.base_url}, model={self.config.model})"
@@ -138,6 +148,13 @@ class Endpoint:
     def load(self) -> float:
         return (self.in_flight + 1) / self.config.weight
 
+    def claim(self) -> bool:
+        """Called when a request is routed here; True when that request is the half-open probe."""
+        if self.tripped():
+            self.probing = True
+            return True
+        return False
+
     def succeeded(self) -> None:
         if self.tripped():
             log.warning("llm endpoint %s is back in rotation", self.config.base_url)
@@ -145,14 +162,26 @@ class Endpoint:
         self.cooldown = self.circuit.cooldown_s
         self.probing = False
 
-    def failed(self, now: float, why: str) -> None:
+    def failed(self, now: float, why: str, probe: bool) -> None:
+        self.last_error = why
+        if probe:  # the probe failed: out again, for longer
+            self.probing = False
+            self.cooldown = min(self.cooldown * 2, self.circuit.max_cooldown_s)
+            self.open_until = now + self.cooldown
+            log.info("llm endpoint %s still failing (%s); next probe in %.1f s", self.config.base_url, why,
+                        self.cooldown)
+            return
+        if self.tripped():
+            return  # requests sent before it tripped: already out, they do not extend the cooldown
         self.failures += 1
-        self.probing = False
         if self.tripped():
             self.open_until = now + self.cooldown
             log.warning("llm endpoint %s out of rotation for %.1f s after %d failures in a row (last: %s)",
                         self.config.base_url, self.cooldown, self.failures, why)
-            self.cooldown = min(self.cooldown * 2 or self.circuit.cooldown_s, self.circuit.max_cooldown_s)
+
+    def released(self) -> None:
+        """A probe that ended neither in success nor in a server fault (cancelled, our bug) frees the probe slot."""
+        self.probing = False
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -317,26 +346,28 @@ class LLMClient:
                 backoff = max(backoff, min(_retry_after_s(exc), retry.max_backoff_s))
             return backoff
 
+        deadline = time.monotonic() + retry.max_total_s
         try:
             async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(retry.max_attempts) | stop_after_delay(retry.max_total_s),
                 wait=wait, retry=retry_if_exception(is_retryable), reraise=True,
             ):
                 with attempt:
-                    endpoint = await self._pick(avoid=last)
+                    endpoint, probe = await self._pick(avoid=last, deadline=deadline)
                     last = endpoint
                     attempts += 1
-                    result = await self._send(endpoint, req, params)
+                    result = await self._send(endpoint, probe, req, params)
             result.attempts, result.cache_key = attempts, key
             return result
         except Exception as exc:  # noqa: BLE001 - every failure becomes a result on the record
-            if not isinstance(exc, (openai.OpenAIError, MalformedResponse, NoEndpoint)) and not is_retryable(exc):
+            if not isinstance(exc, (openai.OpenAIError, MalformedResponse, EndpointsDown)) and not is_retryable(exc):
                 log.exception("llm role %s: unexpected error", self.role_name)
             return LLMResult(model=self.identity, endpoint=last.config.base_url if last else None,
                              attempts=attempts, cache_key=key, error=_describe(exc), error_kind=_error_kind(exc))
 
-    async def _pick(self, avoid: Endpoint | None) -> Endpoint:
-        """The least-loaded usable endpoint, preferring one other than ``avoid``; waits out cooldowns if all are out."""
+    async def _pick(self, avoid: Endpoint | None, deadline: float) -> tuple[Endpoint, bool]:
+        """The least-loaded usable endpoint, preferring one other than ``avoid``, and whether the request is a probe.
+        When every endpoint is out of rotation, waits for the next probe slot until ``deadline``."""
         while True:
             now = time.monotonic()
             usable = [e for e in self.endpoints if e.usable(now)]
@@ -345,13 +376,16 @@ class LLMClient:
             if usable:
                 best = min(e.load() for e in usable)
                 chosen = self._rng.choice([e for e in usable if e.load() == best])
-                if chosen.tripped():
-                    chosen.probing = True  # half-open: this request is the probe
-                return chosen
-            soonest = min(e.open_until for e in self.endpoints if not e.probing or e.open_until > now)
-            await asyncio.sleep(max(0.01, soonest - now) if soonest > now else 0.05)
+                return chosen, chosen.claim()
+            waits = [e.open_until - now for e in self.endpoints if e.open_until > now and not e.probing]
+            pause = max(0.01, min(waits)) if waits else 0.05  # else: a probe is in flight, its outcome decides
+            if now + pause > deadline:
+                last = "; ".join(f"{e.config.base_url}: {e.last_error}" for e in self.endpoints)
+                raise EndpointsDown(f"all {len(self.endpoints)} endpoint(s) of role {self.role_name!r} are out of "
+                                    f"rotation ({last})")
+            await asyncio.sleep(pause)
 
-    async def _send(self, endpoint: Endpoint, req: LLMRequest, params: dict[str, Any]) -> LLMResult:
+    async def _send(self, endpoint: Endpoint, probe: bool, req: LLMRequest, params: dict[str, Any]) -> LLMResult:
         sent = {k: v for k, v in params.items() if v is not None}
         endpoint.in_flight += 1
         try:
@@ -360,12 +394,15 @@ class LLMClient:
                     model=endpoint.config.model, messages=req.messages, **sent)
             result = _to_result(resp, self.identity, endpoint.config.base_url)
         except BaseException as exc:
-            if is_retryable(exc):
-                endpoint.failed(time.monotonic(), _describe(exc))
+            if _is_throttle(exc):
+                if probe:  # busy, not broken: back off per request, keep it in rotation
+                    endpoint.released()
+            elif is_retryable(exc):
+                endpoint.failed(time.monotonic(), _describe(exc), probe)
             elif isinstance(exc, openai.APIStatusError):
                 endpoint.succeeded()  # it answered: the request was wrong (400), not the server
-            else:
-                endpoint.probing = False  # cancelled or a bug of ours: the probe slot must not stay taken
+            elif probe:
+                endpoint.released()
             raise
         finally:
             endpoint.in_flight -= 1

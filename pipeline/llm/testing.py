@@ -78,6 +78,8 @@ class FakeOpenAI:
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
+        self.dead = False
         self.port = 0
 
     # --- lifecycle ---------------------------------------------------------------------------------------------------
@@ -97,11 +99,19 @@ class FakeOpenAI:
         return self
 
     def stop(self) -> None:
-        """Stop listening: new connections are refused (a replica that died)."""
+        """Die like a crashed replica: stop listening (new connections are refused) and cut open connections."""
+        self.dead = True
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self._lock:
+            conns, self._connections = list(self._connections), set()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def __enter__(self) -> "FakeOpenAI":
         return self.start() if self._server is None else self
@@ -162,6 +172,19 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: Any) -> None:  # quiet
         pass
 
+    def setup(self) -> None:
+        super().setup()
+        with self.owner._lock:
+            self.owner._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.owner._lock:
+            self.owner._connections.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
     def _send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
@@ -187,6 +210,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(400, {"error": {"message": "request body is not JSON"}})
             return
         fake = self.owner
+        if fake.dead:
+            self._hang_up()
+            return
         with fake._lock:
             fake.seen.append(Seen(body=body, headers=dict(self.headers)))
         fault = fake._next_fault(body)
