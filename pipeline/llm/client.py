@@ -387,6 +387,8 @@ class LLMClient:
 
     async def _send(self, endpoint: Endpoint, probe: bool, req: LLMRequest, params: dict[str, Any]) -> LLMResult:
         sent = {k: v for k, v in params.items() if v is not None}
+        if endpoint.config.json_schema_via == "json_object" and "response_format" in sent:
+            sent["response_format"] = _json_schema_as_json_object(sent["response_format"])
         endpoint.in_flight += 1
         try:
             async with endpoint.slots:
@@ -408,6 +410,13 @@ class LLMClient:
             endpoint.in_flight -= 1
         endpoint.succeeded()
         return result
+
+
+def _json_schema_as_json_object(fmt: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's ``{type: json_schema, json_schema: {schema}}`` in llama.cpp's dialect ``{type: json_object, schema}``."""
+    if fmt.get("type") != "json_schema":
+        return fmt
+    return {"type": "json_object", "schema": (fmt.get("json_schema") or {}).get("schema", {})}
 
 
 def _to_result(resp: Any, identity: str, base_url: str) -> LLMResult:

@@ -36,6 +36,9 @@ class EndpointConfig(_Strict):
         None, description="NAME of the environment variable holding the API key (the key itself never goes in config)")
     max_concurrency: int = Field(16, ge=1, description="requests in flight to this endpoint at most")
     weight: float = Field(1.0, gt=0, description="share of traffic relative to the role's other endpoints")
+    json_schema_via: Literal["json_schema", "json_object"] = Field(
+        "json_schema", description="how a json_schema response_format is sent: as is (OpenAI, vLLM), or as "
+        "{type: json_object, schema: ...} for llama.cpp's server, which rejects json_schema")
 
     @field_validator("base_url")
     @classmethod

@@ -152,7 +152,7 @@ class EmbeddedServer:
         if self.process is None:
             raise EmbeddedServerError("the embedded server is not running")
         return EndpointConfig(base_url=self.process.base_url, model=self.config.model_name,
-                              max_concurrency=self.config.max_concurrency)
+                              max_concurrency=self.config.max_concurrency, json_schema_via="json_object")
 
     def stop(self) -> None:
         if self.process is not None:

@@ -135,4 +135,11 @@ def test_embedded_smollm2_answers_through_the_client(tmp_path):
             two = client.complete(LLMRequest(messages=[{"role": "user", "content": "Name a colour."}], n=2,
                                              temperature=1.0, seed=5))
             assert two.ok and len(two.choices) == 2  # llama.cpp ignores n: topped up with a seeded request
+            schema = {"type": "object", "properties": {"type": {"type": "string", "enum": ["PER", "LOC"]}},
+                      "required": ["type"]}
+            typed = client.complete(LLMRequest(
+                messages=[{"role": "user", "content": "Is Paris a PER or a LOC? Answer in JSON."}],
+                response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": schema}}))
+            assert typed.ok, typed.error  # sent as llama.cpp's {type: json_object, schema}
+            assert json.loads(typed.text)["type"] in {"PER", "LOC"}
     assert not is_ready(base_url, timeout=1)  # stopped when the block ended

@@ -273,3 +273,11 @@ def test_missing_key_variable_fails_when_the_client_is_built(fake, monkeypatch):
 def test_role_without_endpoints_says_what_to_do():
     with pytest.raises(NoEndpoint, match="llm_services"):
         LLMClient.from_config({}, "teacher")
+
+
+def test_json_schema_is_translated_for_llama_cpp_endpoints(fake):
+    schema = {"type": "object", "properties": {"t": {"enum": ["PER", "LOC"]}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}}
+    with LLMClient(role_for(fake, json_schema_via="json_object")) as client:
+        client.complete(ask("x", response_format=fmt))
+    assert fake.seen[0].body["response_format"] == {"type": "json_object", "schema": schema}
