@@ -15,6 +15,7 @@ Run ``python -m gmner_pipeline.llm.tiny_vllm [ROOT]`` to build (and time) it by 
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import subprocess
@@ -136,11 +137,19 @@ def _patch_torchvision(python: Path) -> None:
 def ensure_vllm(root: str | Path) -> dict[str, float]:
     """Build the venv and the tiny model under ``root`` unless already built. Returns the seconds each step took."""
     root = Path(root).resolve()
+    if (root / _BUILD_MARK).is_file():
+        return {}
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / ".lock").open("w") as lock:  # concurrent test sessions (xdist, two checkouts' CI) build once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build(root)
+
+
+def _build(root: Path) -> dict[str, float]:
     timings: dict[str, float] = {}
     mark = root / _BUILD_MARK
     if mark.is_file():
         return timings
-    root.mkdir(parents=True, exist_ok=True)
     python = venv_python(root)
     pip_env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     if not (root / "venv" / ".installed").is_file():

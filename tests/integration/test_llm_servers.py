@@ -24,7 +24,8 @@ from gmner_pipeline.llm.images import user_message
 from gmner_pipeline.llm.services import llm_services
 from gmner_pipeline.llm.tiny_vllm import MODEL_NAME, ensure_vllm, start_vllm
 
-pytestmark = pytest.mark.integration
+# the first test pays for the vLLM build (minutes on a fresh machine): allow it whatever the global timeout
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
