@@ -189,6 +189,16 @@ class Endpoint:
             self._client = None
 
 
+class _Tries:
+    """What one logical request's tries have in common: how many were sent and where the last one went."""
+
+    __slots__ = ("count", "last")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last: Endpoint | None = None
+
+
 class _LoopThread:
     """A private event loop in a daemon thread: the sync facade's engine (safe to call from inside another loop)."""
 
@@ -332,38 +342,54 @@ class LLMClient:
         return _merge(parts, n, key)
 
     async def _call(self, req: LLMRequest, params: dict[str, Any], key: str) -> LLMResult:
-        """One chat completion with retries and failover; never raises."""
+        """One chat completion with retries and failover; never raises.
+
+        The first try runs outside tenacity: building a retry controller costs more CPU than everything else the
+        client adds to a request, and most requests never need one."""
         retry = self.role.retry
-        attempts = 0
-        last: Endpoint | None = None
-
-        def wait(state: RetryCallState) -> float:
-            n_retry = state.attempt_number - 1
-            backoff = min(retry.initial_backoff_s * (2 ** n_retry), retry.max_backoff_s)
-            backoff += self._rng.uniform(0, retry.jitter_s)
-            exc = state.outcome.exception() if state.outcome else None
-            if retry.honor_retry_after:
-                backoff = max(backoff, min(_retry_after_s(exc), retry.max_backoff_s))
-            return backoff
-
-        deadline = time.monotonic() + retry.max_total_s
+        t0 = time.monotonic()
+        deadline = t0 + retry.max_total_s
+        tries = _Tries()
         try:
-            async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(retry.max_attempts) | stop_after_delay(retry.max_total_s),
-                wait=wait, retry=retry_if_exception(is_retryable), reraise=True,
-            ):
-                with attempt:
-                    endpoint, probe = await self._pick(avoid=last, deadline=deadline)
-                    last = endpoint
-                    attempts += 1
-                    result = await self._send(endpoint, probe, req, params)
-            result.attempts, result.cache_key = attempts, key
+            try:
+                result = await self._try(tries, req, params, deadline)
+            except Exception as exc:
+                if not is_retryable(exc) or retry.max_attempts == 1:
+                    raise
+                await asyncio.sleep(min(self._backoff(1, exc), max(0.0, deadline - time.monotonic())))
+
+                def wait(state: RetryCallState) -> float:
+                    return self._backoff(state.attempt_number + 1, state.outcome.exception() if state.outcome else None)
+
+                async for attempt in AsyncRetrying(
+                    stop=stop_after_attempt(retry.max_attempts - 1)
+                    | stop_after_delay(max(0.0, deadline - time.monotonic())),
+                    wait=wait, retry=retry_if_exception(is_retryable), reraise=True,
+                ):
+                    with attempt:
+                        result = await self._try(tries, req, params, deadline)
+            result.attempts, result.cache_key = tries.count, key
             return result
         except Exception as exc:  # noqa: BLE001 - every failure becomes a result on the record
             if not isinstance(exc, (openai.OpenAIError, MalformedResponse, EndpointsDown)) and not is_retryable(exc):
                 log.exception("llm role %s: unexpected error", self.role_name)
-            return LLMResult(model=self.identity, endpoint=last.config.base_url if last else None,
-                             attempts=attempts, cache_key=key, error=_describe(exc), error_kind=_error_kind(exc))
+            return LLMResult(model=self.identity, endpoint=tries.last.config.base_url if tries.last else None,
+                             attempts=tries.count, cache_key=key, error=_describe(exc), error_kind=_error_kind(exc))
+
+    async def _try(self, tries: "_Tries", req: LLMRequest, params: dict[str, Any], deadline: float) -> LLMResult:
+        endpoint, probe = await self._pick(avoid=tries.last, deadline=deadline)
+        tries.last = endpoint
+        tries.count += 1
+        return await self._send(endpoint, probe, req, params)
+
+    def _backoff(self, failures: int, exc: BaseException | None) -> float:
+        """Wait before the next try after ``failures`` failed ones: exponential, capped, jittered, >= Retry-After."""
+        retry = self.role.retry
+        wait = min(retry.initial_backoff_s * (2 ** (failures - 1)), retry.max_backoff_s)
+        wait += self._rng.uniform(0, retry.jitter_s)
+        if retry.honor_retry_after:
+            wait = max(wait, min(_retry_after_s(exc), retry.max_backoff_s))
+        return wait
 
     async def _pick(self, avoid: Endpoint | None, deadline: float) -> tuple[Endpoint, bool]:
         """The least-loaded usable endpoint, preferring one other than ``avoid``, and whether the request is a probe.

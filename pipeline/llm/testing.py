@@ -90,6 +90,7 @@ class FakeOpenAI:
         class Handler(_Handler):
             owner = fake
 
+        ThreadingHTTPServer.request_queue_size = 128  # bursts of concurrent connects must not be reset
         self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
