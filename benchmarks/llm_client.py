@@ -3,10 +3,13 @@ same concurrency; and the request cache's cost per lookup.
 
     python benchmarks/llm_client.py                       # real vLLM (tiny Qwen2, built into .cache/vllm if missing)
     python benchmarks/llm_client.py --server embedded     # the embedded llama.cpp server with SmolLM2
+    python benchmarks/llm_client.py --server fake          # the in-process fake server in a child process: the
+                                                          # client's own overhead, with a server that costs nothing
     python benchmarks/llm_client.py --server http://host:8000/v1 --model NAME
 
 Raw and client runs alternate for ``--rounds`` rounds on distinct prompts (nothing is cached in the throughput runs:
-the cache is off there, so both send every request); the medians are compared. Target: ratio >= 0.95.
+the cache is off there, so both send every request); the medians are compared. Target: ratio >= 0.95. The CPU time
+the benchmark process spends per request is printed too: on a busy machine it is steadier than wall-clock throughput.
 """
 
 from __future__ import annotations
@@ -107,7 +110,35 @@ def cache_cost(n: int) -> dict[str, float]:
     return out
 
 
+class _FakeInChild:
+    """FakeOpenAI in a child process, so that serving costs the measured process nothing."""
+
+    def __init__(self) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        self.proc = ctx.Process(target=_serve_fake, args=(queue,), daemon=True)
+        self.proc.start()
+        self.port = queue.get(timeout=60)
+
+    def stop(self) -> None:
+        self.proc.kill()
+
+
+def _serve_fake(queue: Any) -> None:
+    from gmner_pipeline.llm.testing import FakeOpenAI
+
+    srv = FakeOpenAI(model="fake", completion_tokens=16).start()
+    queue.put(srv.port)
+    while True:
+        time.sleep(3600)
+
+
 def start_server(kind: str) -> tuple[Any, str, str, dict]:
+    if kind == "fake":
+        fake = _FakeInChild()
+        return fake, f"http://127.0.0.1:{fake.port}/v1", "fake", {}
     if kind == "vllm":
         from gmner_pipeline.llm.tiny_vllm import MODEL_NAME, ensure_vllm, start_vllm
 
@@ -147,15 +178,18 @@ def main() -> None:
     try:
         asyncio.run(run_raw(base_url, model, prompts(0, "warmup", args.concurrency), args.concurrency, raw_params))
         raw_rps, cli_rps, raw_tps, cli_tps = [], [], [], []
+        cpu: dict[str, list[float]] = {"raw": [], "client": []}
         for r in range(args.rounds):
             for kind in (("raw", "client") if r % 2 == 0 else ("client", "raw")):
                 fn = run_raw if kind == "raw" else run_client
+                c0 = time.process_time()
                 elapsed, tokens = asyncio.run(fn(base_url, model, prompts(r, kind, args.requests), args.concurrency,
                                                  raw_params))
+                cpu[kind].append((time.process_time() - c0) / args.requests * 1000)
                 (raw_rps if kind == "raw" else cli_rps).append(args.requests / elapsed)
                 (raw_tps if kind == "raw" else cli_tps).append(tokens / elapsed)
                 print(f"round {r} {kind:6s}: {args.requests / elapsed:7.2f} req/s  {tokens / elapsed:8.1f} tok/s  "
-                      f"({elapsed:.2f} s)", flush=True)
+                      f"({elapsed:.2f} s, {cpu[kind][-1]:.2f} CPU-ms/request)", flush=True)
     finally:
         if server is not None:
             server.stop()
@@ -166,6 +200,8 @@ def main() -> None:
           f"max_tokens={args.max_tokens} rounds={args.rounds}")
     print(f"raw    median: {statistics.median(raw_rps):.2f} req/s, {statistics.median(raw_tps):.1f} tok/s")
     print(f"client median: {statistics.median(cli_rps):.2f} req/s, {statistics.median(cli_tps):.1f} tok/s")
+    print(f"CPU per request in this process: raw {statistics.median(cpu['raw']):.2f} ms, "
+          f"client {statistics.median(cpu['client']):.2f} ms")
     print(f"RATIO client/raw: requests/s {ratio:.3f}, tokens/s {tok_ratio:.3f}, median of per-round ratios "
           f"{paired:.3f} (target >= 0.95)")
     costs = cache_cost(args.cache_lookups)
