@@ -155,7 +155,7 @@ def _build(root: Path) -> dict[str, float]:
     if not (root / "venv" / ".installed").is_file():
         t0 = time.perf_counter()
         _run([sys.executable, "-m", "venv", "--clear", str(root / "venv")], "create venv")
-        _run([str(python), "-m", "pip", "install", "--quiet", VLLM_REQUIREMENT, TORCH_REQUIREMENT],
+        _run([str(python), "-m", "pip", "install", "--quiet", "--no-compile", VLLM_REQUIREMENT, TORCH_REQUIREMENT],
              f"pip install {VLLM_REQUIREMENT}", env=pip_env)
         _run([str(python), "-m", "pip", "uninstall", "--quiet", "-y", "torchaudio", "torchcodec"],
              "remove CUDA torchaudio/torchcodec", env=pip_env)
