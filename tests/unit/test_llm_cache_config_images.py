@@ -139,8 +139,26 @@ def test_lineage_usage_sums_a_records_requests():
 
 def test_services_pass_configured_roles_through_and_explain_missing_ones():
     cfg = {"roles": {"t": {"endpoints": [{"base_url": "http://a:1/v1", "model": "x"}]}}}
-    with llm_services(cfg, {"t"}) as resolved:
+    with llm_services(cfg, {"t"}, check=False) as resolved:
         assert resolved.role("t").endpoints[0].base_url == "http://a:1/v1"
     with pytest.raises(LLMConfigError, match="embedded"):
-        with llm_services({**cfg, "embedded": {"enabled": False}}, {"t", "judge"}):
+        with llm_services({**cfg, "embedded": {"enabled": False}}, {"t", "judge"}, check=False):
             pass
+
+
+def test_preflight_fails_a_role_with_no_working_endpoint_and_tolerates_one_dead_replica(caplog):
+    from gmner_pipeline.llm.process import free_port
+    from gmner_pipeline.llm.testing import FakeOpenAI
+
+    dead = {"base_url": f"http://127.0.0.1:{free_port()}/v1", "model": "fake-model"}
+    with FakeOpenAI() as srv:
+        live = {"base_url": srv.base_url, "model": "fake-model"}
+        with llm_services({"roles": {"t": {"endpoints": [dead, live]}}}, {"t"}) as resolved:
+            assert len(resolved.role("t").endpoints) == 2
+        assert "unreachable" in caplog.text
+        with pytest.raises(LLMConfigError, match="does not serve model 'other'"):
+            with llm_services({"roles": {"t": {"endpoints": [{**live, "model": "other"}]}}}, {"t"}):
+                pass
+        with pytest.raises(LLMConfigError, match="no endpoint works"):
+            with llm_services({"roles": {"t": {"endpoints": [dead]}}}, {"t"}):
+                pass
