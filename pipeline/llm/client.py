@@ -250,13 +250,13 @@ class LLMClient:
         t0 = time.perf_counter()
         params = self._params(req)
         key = request_key(self.identity, req.messages, params)
-        hit = self.cache.get(key) if self.cache is not None else None
+        hit = self._cache_get(key) if self.cache is not None else None
         if hit is not None:
             result = LLMResult.from_cache(hit, key)
         else:
             result = await self._answer(req, params, key)
             if result.ok and self.cache is not None:
-                self.cache.put(key, result.to_cache())
+                self._cache_put(key, result)
         result.latency_s = time.perf_counter() - t0
         self.accounting.add(result)
         return result
@@ -294,6 +294,20 @@ class LLMClient:
         self.close()
 
     # --- internals ----------------------------------------------------------------------------------------------
+
+    def _cache_get(self, key: str) -> dict[str, Any] | None:
+        """A broken cache (disk full, locked past its timeout, bad entry) costs a re-request, never the record."""
+        try:
+            return self.cache.get(key)  # type: ignore[union-attr]
+        except Exception as exc:  # noqa: BLE001
+            log.warning("llm cache lookup failed (%s); asking the server", exc)
+            return None
+
+    def _cache_put(self, key: str, result: LLMResult) -> None:
+        try:
+            self.cache.put(key, result.to_cache())  # type: ignore[union-attr]
+        except Exception as exc:  # noqa: BLE001
+            log.warning("llm cache write failed (%s); the answer is returned but not cached", exc)
 
     def _sync(self) -> _LoopThread:
         if self._loop is None:

@@ -281,3 +281,19 @@ def test_json_schema_is_translated_for_llama_cpp_endpoints(fake):
     with LLMClient(role_for(fake, json_schema_via="json_object")) as client:
         client.complete(ask("x", response_format=fmt))
     assert fake.seen[0].body["response_format"] == {"type": "json_object", "schema": schema}
+
+
+def test_a_broken_cache_costs_a_request_not_the_record(fake):
+    class Broken:
+        def get(self, key):
+            raise OSError("disk I/O error")
+
+        def put(self, key, value):
+            raise OSError("database or disk is full")
+
+        def close(self):
+            pass
+
+    with LLMClient(role_for(fake), cache=Broken()) as client:
+        res = client.complete(ask("x"))
+    assert res.ok and res.text == "echo: x"
