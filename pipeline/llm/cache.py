@@ -79,10 +79,24 @@ class SqliteCache:
             conn = sqlite3.connect(self.path, timeout=self._busy_ms / 1000, isolation_level=None,
                                    check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
-            conn.execute("PRAGMA journal_mode=WAL")
+            self._ensure_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
             self._local.conn, self._local.pid = conn, os.getpid()
         return conn
+
+    def _ensure_wal(self, conn: sqlite3.Connection) -> None:
+        """WAL is a property of the file, set once. Switching to it ignores the busy timeout when several processes
+        open a new cache at the same moment ("database is locked"), so retry until the busy timeout is spent."""
+        deadline = time.monotonic() + self._busy_ms / 1000
+        while True:
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def get(self, key: str) -> dict[str, Any] | None:
         row = self._conn().execute("SELECT value FROM answers WHERE key = ?", (key,)).fetchone()
