@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .llm.config import LLMConfig
 from .stage import StageConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"  # source checkout; installed: gmner_pipeline/configs
@@ -90,7 +91,7 @@ class RunConfig(_Strict):
     source: Source = Field(default_factory=SampleSource)
     pipeline: list[str] = Field(default_factory=lambda: ["template_cot"], description="stages to run, in order")
     stages: dict[str, Any] = Field(default_factory=dict, description="one section per stage, validated by the stage")
-    llm: dict[str, Any] = Field(default_factory=dict, description="LLM endpoints per role (see docs/llm.md)")
+    llm: LLMConfig = Field(default_factory=LLMConfig, description="LLM endpoints per role (see docs/llm.md)")
 
     @field_validator("pipeline")
     @classmethod

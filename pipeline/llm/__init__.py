@@ -1,0 +1,32 @@
+"""The LLM layer: one OpenAI-compatible client (failover, retries, cache, accounting) and the embedded local server.
+
+Stages use it as::
+
+    client = LLMClient.from_config(self.context.run_config["llm"], "teacher")    # in setup()
+    results = client.complete_many([LLMRequest(messages=...) for r in batch])     # in __call__()
+    # result.ok / result.text / result.texts / result.error_kind / result.usage()
+
+See docs/llm.md. Names are imported lazily: ``gmner_pipeline.config`` needs only ``llm.config``, and importing the
+openai package costs about a second.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Accounting": "accounting", "lineage_usage": "accounting",
+    "LLMClient": "client",
+    "EndpointConfig": "config", "LLMConfig": "config", "RoleConfig": "config", "SamplingConfig": "config",
+    "image_part": "images", "user_message": "images",
+    "Choice": "request", "LLMRequest": "request", "LLMResult": "request",
+    "llm_services": "services",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

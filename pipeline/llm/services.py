@@ -1,0 +1,101 @@
+"""What the runner wraps a run in: endpoints for every LLM role the run's stages declared.
+
+    roles = set().union(*(stage_cls.llm_roles(cfg) for ...))
+    with llm_services(run_config.llm, roles) as llm:        # starts the embedded server if some role needs it
+        context.run_config["llm"] = llm.model_dump(mode="json")
+        ...                                                  # workers: LLMClient.from_config(run_config["llm"], role)
+
+Roles with endpoints are used as configured, after a preflight check (``check_endpoints``): a role fails before the run
+when none of its endpoints answers ``GET /models`` listing its model (one dead replica is only a warning). Every needed
+role without endpoints gets the ONE embedded server (started once, shared by those roles), which is stopped when the
+block exits: normally, on an exception, or on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from .config import EndpointConfig, LLMConfig
+from .embedded import EmbeddedServer
+
+log = logging.getLogger(__name__)
+
+
+class LLMConfigError(ValueError):
+    """The LLM section cannot serve the run; the message says what to configure."""
+
+
+def roles_without_endpoints(config: LLMConfig, roles: set[str]) -> list[str]:
+    return sorted(r for r in roles if not config.role(r).endpoints)
+
+
+def endpoint_problem(endpoint: EndpointConfig, timeout: float = 5.0) -> str | None:
+    """None when the endpoint answers ``GET /models`` and lists its model; else what is wrong, in words."""
+    try:
+        key = endpoint.api_key()
+    except ValueError as exc:
+        return str(exc)
+    req = urllib.request.Request(endpoint.base_url + "/models", headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            listed = [m.get("id") for m in json.load(resp).get("data", [])]
+    except urllib.error.HTTPError as exc:
+        return f"{endpoint.base_url}/models answered HTTP {exc.code}"
+    except (urllib.error.URLError, OSError, ValueError, AttributeError) as exc:
+        return f"{endpoint.base_url} is unreachable ({getattr(exc, 'reason', exc)})"
+    if listed and endpoint.model not in listed:
+        return f"{endpoint.base_url} does not serve model {endpoint.model!r}; it serves {listed}"
+    return None
+
+
+def check_endpoints(config: LLMConfig, roles: set[str], timeout: float = 5.0) -> None:
+    """Preflight: raise ``LLMConfigError`` for a role none of whose endpoints works; warn about dead replicas."""
+    errors = []
+    for name in sorted(roles):
+        role = config.role(name)
+        problems = [p for p in (endpoint_problem(e, timeout) for e in role.endpoints) if p]
+        if role.endpoints and len(problems) == len(role.endpoints):
+            errors.append(f"llm.roles.{name}: no endpoint works: " + "; ".join(problems))
+        for problem in problems if len(problems) < len(role.endpoints) else []:
+            log.warning("llm.roles.%s: %s (the other replicas carry the load; it is probed again during the run)",
+                        name, problem)
+    if errors:
+        raise LLMConfigError("\n".join(errors) + "\nStart the servers, fix base_url/model, or remove the endpoints "
+                             "to use the embedded local server.")
+
+
+@contextmanager
+def llm_services(llm_config: LLMConfig | dict[str, Any] | None, roles: set[str], *,
+                 check: bool = True) -> Iterator[LLMConfig]:
+    """Yield the LLM config with an endpoint for every role in ``roles`` (see the module docstring)."""
+    config = LLMConfig.coerce(llm_config)
+    if check:
+        check_endpoints(config, {r for r in roles if config.role(r).endpoints})
+    missing = roles_without_endpoints(config, roles)
+    if not missing:
+        yield config
+        return
+    if not config.embedded.enabled:
+        raise LLMConfigError(
+            f"LLM roles {missing} have no endpoints and llm.embedded.enabled is false: add endpoints under "
+            f"llm.roles.<role>.endpoints (base_url, model), or enable the embedded server")
+    server = EmbeddedServer(config.embedded)
+    log.info("LLM roles %s have no endpoints: starting the embedded server (%s)", missing, config.embedded.model_name)
+    server.start()
+    try:
+        roles_cfg = dict(config.roles)
+        for name in missing:
+            role = config.role(name)
+            roles_cfg[name] = role.model_copy(update={
+                "endpoints": [server.endpoint()],
+                "model_id": role.model_id or config.embedded.model_name,
+                "revision": role.revision or server.revision,
+            })
+        yield config.model_copy(update={"roles": roles_cfg})
+    finally:
+        server.stop()

