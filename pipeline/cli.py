@@ -34,7 +34,7 @@ SET_HELP = "Override a config value, e.g. --set run.shard_size=128 --set source.
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)], force=True)
-    for noisy in ("ray", "filelock", "urllib3", "httpx", "openai"):
+    for noisy in ("ray", "filelock", "urllib3", "httpx", "httpx2", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
