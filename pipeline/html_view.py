@@ -80,7 +80,8 @@ def _record_html(rec: dict[str, Any]) -> str:
         parts.append(f"<p class='error'>{e(rec['error'])}</p>")
     det = rec.get("detections")
     if det:
-        parts.append(f"<p class='det'>detections: {e(det.get('annotation_text') or 'none above the score threshold')}</p>")
+        found = det.get("annotation_text") or "none above the score threshold"
+        parts.append(f"<p class='det'>detections: {e(found)}</p>")
     for k in rec.get("knowledge") or []:
         parts.append(f"<p><b>{e(k['entity'])}</b> ({e(k.get('fine_type') or k['type'])}): {e(k.get('knowledge') or '')}</p>")
     for ch in (rec.get("cot") or {}).get("chains") or []:
