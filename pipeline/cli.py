@@ -141,7 +141,8 @@ def show_command(
 @app.command("view")
 def view_command(
     output_dir: Path = typer.Argument(..., help="The run's output folder."),
-    html_path: Optional[Path] = typer.Option(None, "--html", help="Where to write the page (default: <out>/view.html)."),
+    html_path: Optional[Path] = typer.Option(None, "--html",
+                                             help="Where to write the page (default: <out>/view.html)."),
     limit: int = typer.Option(50, help="How many records to show."),
     stage: Optional[str] = typer.Option(None, help="Show records as that stage wrote them (default: the last)."),
 ) -> None:

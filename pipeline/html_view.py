@@ -83,10 +83,12 @@ def _record_html(rec: dict[str, Any]) -> str:
         found = det.get("annotation_text") or "none above the score threshold"
         parts.append(f"<p class='det'>detections: {e(found)}</p>")
     for k in rec.get("knowledge") or []:
-        parts.append(f"<p><b>{e(k['entity'])}</b> ({e(k.get('fine_type') or k['type'])}): {e(k.get('knowledge') or '')}</p>")
+        kind = k.get("fine_type") or k["type"]
+        parts.append(f"<p><b>{e(k['entity'])}</b> ({e(kind)}): {e(k.get('knowledge') or '')}</p>")
     for ch in (rec.get("cot") or {}).get("chains") or []:
         parts.append(f"<details><summary>{e(ch['style'])} / {e(ch['route'])} — consistent: {ch.get('consistent')}"
-                     f"</summary><pre>{e(ch.get('think') or '')}\n\nanswer: {e(ch.get('answer') or '')}</pre></details>")
+                     f"</summary><pre>{e(ch.get('think') or '')}\n\nanswer: {e(ch.get('answer') or '')}</pre>"
+                     "</details>")
     return f"<div class='rec'><div>{left}</div><div>{''.join(parts)}</div></div>"
 
 

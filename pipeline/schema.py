@@ -140,7 +140,8 @@ RECORD_FIELDS: list[pa.Field] = [
     pa.field("text", pa.string()),
     pa.field("tokens", pa.list_(pa.string())),
     pa.field("image", IMAGE),
-    pa.field("grounding_labels", pa.string()),  # "present" | "absent": absent means boxes are UNKNOWN, not "not visible"
+    # "present" | "absent": absent means boxes are UNKNOWN, not "not visible"
+    pa.field("grounding_labels", pa.string()),
     pa.field("entities", pa.list_(ENTITY)),
     pa.field("retrieval", RETRIEVAL),
     pa.field("detections", DETECTIONS),

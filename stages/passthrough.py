@@ -1,8 +1,8 @@
 """A stage that passes records through unchanged (plus a lineage entry).
 
 Useful to measure the runner's own overhead, to smoke-test a cluster, and in the runner's fault tests:
-``sleep_per_record`` makes work slow enough to interrupt, ``fail_ids`` makes the stage raise on chosen records and ``crash_ids`` kills
-its worker process there.
+``sleep_per_record`` makes work slow enough to interrupt, ``fail_ids`` makes the stage raise on chosen records
+and ``crash_ids`` kills its worker process there.
 """
 
 from __future__ import annotations
