@@ -94,7 +94,9 @@ def plan_run(config: RunConfig, stages: list[str] | None = None) -> RunPlan:
     """Plan the stages ``stages`` (default: ``config.pipeline``) over the configured source."""
     from gmner_pipeline.stages import load_stage
 
-    out = Path(config.run.output_dir)
+    # Absolute: actors on other nodes do not share the driver's working directory, and latest.json's folders must
+    # still be found by ``status``/``show`` run from elsewhere.
+    out = Path(os.path.abspath(Path(config.run.output_dir).expanduser()))
     source = config.source.model_dump(mode="json")
     ingest_key = stable_hash({"ingest": INGEST_VERSION, "schema_major": SCHEMA_MAJOR, "source": source,
                               "shard_size": config.run.shard_size, "files": source_fingerprint(config.source)})

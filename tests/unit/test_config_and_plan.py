@@ -62,3 +62,12 @@ def test_stages_for_command(tmp_path):
     assert stages_for_command(c, None) == ["passthrough", "template_cot"]
     assert stages_for_command(c, "passthrough") == ["passthrough"]
     assert stages_for_command(c, "retrieve") == ["retrieve"]
+
+
+def test_relative_output_dir_is_planned_as_an_absolute_path(tmp_path, monkeypatch):
+    # Actors on other nodes of a cluster do not share the driver's working directory: every folder handed to them
+    # (stage dirs, the context's output_dir, the sample image cache) must be absolute.
+    monkeypatch.chdir(tmp_path)
+    plan = plan_run(load_config(None, ["run.output_dir=rel-out", "pipeline=[passthrough]"]))
+    assert plan.output_dir == tmp_path / "rel-out"
+    assert plan.ingest.dir.is_absolute() and plan.stages[0].dir.is_absolute()
