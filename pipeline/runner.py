@@ -45,13 +45,15 @@ class StageProgress:
     processed_now: int = 0  # shards processed in this run (not reused)
     records_now: int = 0
     started: float | None = None
+    finished: float | None = None  # when its last shard of this run came back (its rate ends there)
     failed: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def records_per_s(self) -> float:
         if not self.started or not self.records_now:
             return 0.0
-        return self.records_now / max(time.perf_counter() - self.started, 1e-9)
+        end = self.finished if self.finished is not None else time.perf_counter()
+        return self.records_now / max(end - self.started, 1e-9)
 
 
 @dataclass
@@ -270,6 +272,8 @@ def execute(plan: RunPlan, config: RunConfig, run_id: str, num_shards: int,
                     if nxt < len(stages):
                         ready[nxt].append(shard)
                 for j in range(len(stages)):
+                    if pending[j] == 0 and progress[stages[j].name].finished is None:
+                        progress[stages[j].name].finished = time.perf_counter()
                     finish_stage_if_done(j)
             submit_ready()
             if on_progress:

@@ -56,6 +56,11 @@ def test_two_stages_rerun_and_partial_recompute(tmp_path, ray_local):
     first, second = result.plan.stages
     assert final_ids(second.dir) == expected_ids(24)
     assert [result.stages[s.name].processed_now for s in result.plan.stages] == [5, 5]
+    # a stage's rate covers its own work: it neither decays after the run nor counts the time later stages took
+    rates = [result.stages[s.name].records_per_s for s in result.plan.stages]
+    time.sleep(0.3)
+    assert [result.stages[s.name].records_per_s for s in result.plan.stages] == rates
+    assert result.stages[first.name].finished <= result.stages[second.name].finished
     out = tmp_path / "out"
     assert (out / "config.yaml").is_file() and json.loads((out / "latest.json").read_text())["ok"]
 
