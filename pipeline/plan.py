@@ -85,8 +85,13 @@ def source_fingerprint(source: Any) -> str:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
             for name in sorted(filenames):
-                st = os.stat(os.path.join(dirpath, name))
-                h.update(f"{os.path.relpath(os.path.join(dirpath, name), root)}|{st.st_size}|{st.st_mtime_ns}".encode())
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(path)
+                    state = f"{st.st_size}|{st.st_mtime_ns}"
+                except OSError:  # a dangling link or unreadable file: that record's problem, not the whole run's
+                    state = "unreadable"
+                h.update(f"{os.path.relpath(path, root)}|{state}".encode())
     return h.hexdigest()[:16]
 
 

@@ -71,3 +71,16 @@ def test_relative_output_dir_is_planned_as_an_absolute_path(tmp_path, monkeypatc
     plan = plan_run(load_config(None, ["run.output_dir=rel-out", "pipeline=[passthrough]"]))
     assert plan.output_dir == tmp_path / "rel-out"
     assert plan.ingest.dir.is_absolute() and plan.stages[0].dir.is_absolute()
+
+
+def test_a_dangling_symlink_in_the_source_does_not_stop_the_plan(tmp_path):
+    # A broken link among the images is bad input for one record ("image not found"), not a reason to refuse the run.
+    from conftest import write_gmner_dataset
+
+    data = write_gmner_dataset(tmp_path / "data", 2)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "1000.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    c = cfg(tmp_path, "source={kind: twitter_gmner, path: " + str(data) + ", image_dir: " + str(tmp_path / "img") + "}")
+    before = plan_run(c).ingest.key
+    (tmp_path / "nowhere.jpg").write_bytes(b"x")  # the link now resolves: the source changed
+    assert plan_run(c).ingest.key != before
