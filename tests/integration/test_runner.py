@@ -166,3 +166,12 @@ def test_killing_the_driver_then_rerunning_gives_every_record_once(tmp_path):
     assert len(committed_indices(final)) == 10
     assert final_ids(final) == expected_ids(40)
     assert not [p for p in final.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.timeout(120)
+def test_a_pool_larger_than_the_cluster_still_finishes(tmp_path, ray_local):
+    # 3 actors of 1 CPU on a 2-CPU Ray: the third is never placed, so no shard may wait on it (it used to hang forever)
+    path = config(tmp_path, n=12, shard_size=2, resources={"num_cpus": 1, "pool_size": 3, "max_in_flight": 1})
+    result = runner.run(load_config(str(path), ["pipeline=[passthrough]"]))
+    assert result.ok and len(committed_indices(result.plan.final_dir)) == 6
+    assert final_ids(result.plan.final_dir) == expected_ids(12)
