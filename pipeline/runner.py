@@ -125,6 +125,9 @@ class ShardActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def close(self) -> None:
+        self.processor.close()
+
 
 @contextlib.contextmanager
 def ray_session(config: RunConfig) -> Iterator[Any]:
@@ -187,7 +190,12 @@ class _Pool:
         self.solo[slot] = False
         self.starting[self.actors[slot].pid.remote()] = slot
 
-    def kill(self, ray: Any) -> None:
+    def kill(self, ray: Any, close_timeout_s: float = 60.0) -> None:
+        """Let every started actor close its stage (release resources, log its stats), then end the processes."""
+        closing = [actor.close.remote() for actor, up in zip(self.actors, self.up) if up]
+        if closing:
+            with contextlib.suppress(Exception):
+                ray.wait(closing, num_returns=len(closing), timeout=close_timeout_s)
         for actor in self.actors:
             with contextlib.suppress(Exception):
                 ray.kill(actor)

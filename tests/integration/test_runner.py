@@ -175,3 +175,30 @@ def test_a_pool_larger_than_the_cluster_still_finishes(tmp_path, ray_local):
     result = runner.run(load_config(str(path), ["pipeline=[passthrough]"]))
     assert result.ok and len(committed_indices(result.plan.final_dir)) == 6
     assert final_ids(result.plan.final_dir) == expected_ids(12)
+
+
+CLOSE_PROBE = '''
+from pathlib import Path
+from gmner_pipeline.stages.passthrough import PassthroughStage
+
+class ClosingStage(PassthroughStage):
+    def close(self):
+        (Path(self.context.output_dir) / f"closed-{id(self)}").write_text("x")
+'''
+
+
+def test_the_runner_closes_each_stage_instance(tmp_path):
+    # Stage.close() releases resources and logs the stage's stats (annotate, retrieve, LLM clients): the runner
+    # must call it in every actor before ending the pool, not just kill the process.
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "closeprobe.py").write_text(CLOSE_PROBE)
+    path = config(tmp_path, n=4, shard_size=2)
+    raw = yaml.safe_load(path.read_text())
+    raw.update(pipeline=["closeprobe:ClosingStage"], stages={"closeprobe:ClosingStage": {"resources": {"pool_size": 2}}})
+    path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(tmp_path / "probe")}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "gmner_pipeline.cli", "run", "--config", str(path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "out").glob("closed-*"))) == 2
