@@ -101,7 +101,9 @@ def _record_html(rec: dict[str, Any]) -> str:
 def render_html(output_dir: str | Path, limit: int = 50, stage: str | None = None) -> str:
     latest = load_latest(output_dir)
     chain = latest["chain"]
-    entry = next((c for c in chain if c["stage"] == stage), chain[-1]) if stage else chain[-1]
+    entry = next((c for c in chain if c["stage"] == stage), None) if stage else chain[-1]
+    if entry is None:
+        raise KeyError(f"stage {stage!r} is not in the last run; stages: {[c['stage'] for c in chain]}")
     counts = []
     for c in chain:
         t = stage_totals(Path(c["dir"]))

@@ -22,3 +22,14 @@ def test_a_malformed_detector_box_does_not_break_the_page(tmp_path):
         {"run_id": "r", "chain": [{"stage": "annotate", "key": "k", "dir": str(stage_dir)}]}))
     page = render_html(tmp_path / "out")
     assert "s/train/1" in page and "data:image/jpeg;base64," in page
+
+
+def test_an_unknown_stage_is_refused_not_replaced_by_the_last(tmp_path):
+    import pytest
+
+    stage_dir = tmp_path / "out" / "annotate" / "k"
+    write_records(shard_path(stage_dir, 0), [empty_record(id="s/train/1", source="s")])
+    (tmp_path / "out" / "latest.json").write_text(json.dumps(
+        {"run_id": "r", "chain": [{"stage": "annotate", "key": "k", "dir": str(stage_dir)}]}))
+    with pytest.raises(KeyError, match="annotat"):
+        render_html(tmp_path / "out", stage="annotat")
