@@ -22,6 +22,7 @@ def test_defaults_validate_and_overrides_are_typed(tmp_path):
     ("pipeline=[tempalte_cot]", "did you mean 'template_cot'"),
     ("run.shard_size=0", "greater than or equal to 1"),
     ("source.kind=nope", "source"),
+    ("source={kind: twitter_gmner, path: x, splits: [train, train]}", "a split appears twice"),
 ])
 def test_bad_config_is_rejected_with_a_helpful_message(tmp_path, override, needle):
     with pytest.raises(ConfigError) as exc:
