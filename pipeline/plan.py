@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, stable_hash
+from .config import ConfigError, RunConfig, _did_you_mean, stable_hash
 from .schema import SCHEMA_MAJOR
 from .stage import Stage, StageConfig
 
@@ -127,4 +127,12 @@ def stages_for_command(config: RunConfig, target: str | None) -> list[str]:
         return list(config.pipeline)
     if target in config.pipeline:
         return config.pipeline[: config.pipeline.index(target) + 1]
+    from gmner_pipeline.stages import STAGES, UnknownStage, load_stage
+
+    try:
+        load_stage(target)
+    except UnknownStage as exc:
+        raise ConfigError(f"{exc.args[0]}{_did_you_mean(target, STAGES)}") from None
+    except ImportError as exc:
+        raise ConfigError(f"stage {target!r} cannot be imported: {exc}") from None
     return [target]

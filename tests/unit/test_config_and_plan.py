@@ -85,3 +85,12 @@ def test_a_dangling_symlink_in_the_source_does_not_stop_the_plan(tmp_path):
     before = plan_run(c).ingest.key
     (tmp_path / "nowhere.jpg").write_bytes(b"x")  # the link now resolves: the source changed
     assert plan_run(c).ingest.key != before
+
+
+def test_run_of_an_unknown_stage_is_a_config_error(tmp_path):
+    # `gmner-pipeline run annotat` used to end in an UnknownStage traceback (exit 1) instead of a message (exit 2)
+    c = cfg(tmp_path)
+    with pytest.raises(ConfigError, match="did you mean 'annotate'"):
+        stages_for_command(c, "annotat")
+    with pytest.raises(ConfigError, match="nosuch"):
+        stages_for_command(c, "nosuch.mod:Stage")
