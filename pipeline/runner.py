@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterator
 from .config import RunConfig, stable_hash
 from .ingest_step import run_ingest
 from .plan import RunPlan, StagePlan, plan_run
-from .shards import MANIFEST, committed_indices, read_markers, remove_stale_temporaries, shard_path, \
-    write_json_atomic
+from .shards import MANIFEST, committed_indices, marker_path, read_markers, remove_stale_temporaries, \
+    shard_path, write_json_atomic
 from .stage import StageContext
 
 log = logging.getLogger(__name__)
@@ -209,14 +209,20 @@ def execute(plan: RunPlan, config: RunConfig, run_id: str, num_shards: int,
     if not stages:
         return progress
     committed = [committed_indices(s.dir) for s in stages]
-    for s, done in zip(stages, committed):
-        progress[s.name].done = len(done & set(range(num_shards)))
     ready: list[deque[int]] = [deque() for _ in stages]
     for shard in range(num_shards):
         for k, done in enumerate(committed):
             if shard not in done:
                 ready[k].append(shard)
+                # Downstream shards made from the output this stage is about to replace are void: keeping them
+                # would pair a new upstream shard with results computed from the old one.
+                for j in range(k + 1, len(stages)):
+                    if shard in committed[j]:
+                        marker_path(stages[j].dir, shard).unlink(missing_ok=True)
+                        committed[j].discard(shard)
                 break
+    for s, done in zip(stages, committed):
+        progress[s.name].done = len(done & set(range(num_shards)))
     pending = [num_shards - progress[s.name].done for s in stages]
     if not any(pending):
         return progress
