@@ -194,7 +194,8 @@ def test_the_runner_closes_each_stage_instance(tmp_path):
     (tmp_path / "probe" / "closeprobe.py").write_text(CLOSE_PROBE)
     path = config(tmp_path, n=4, shard_size=2)
     raw = yaml.safe_load(path.read_text())
-    raw.update(pipeline=["closeprobe:ClosingStage"], stages={"closeprobe:ClosingStage": {"resources": {"pool_size": 2}}})
+    raw.update(pipeline=["closeprobe:ClosingStage"],
+               stages={"closeprobe:ClosingStage": {"resources": {"pool_size": 2}}})
     path.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(tmp_path / "probe")}
     env.pop("RAY_ADDRESS", None)
