@@ -1,10 +1,9 @@
 import json
 
-from PIL import Image
-
 from gmner_pipeline.html_view import render_html
 from gmner_pipeline.schema import empty_record
 from gmner_pipeline.shards import commit_shard, shard_path, write_records
+from PIL import Image
 
 
 def test_a_malformed_detector_box_does_not_break_the_page(tmp_path):
