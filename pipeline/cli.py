@@ -152,8 +152,8 @@ def view_command(
 
     try:
         path = write_html(output_dir, html_path, limit, stage)
-    except OutputNotFound as exc:
-        _fail(str(exc))
+    except (OutputNotFound, KeyError) as exc:
+        _fail(str(exc).strip("'\""))
     console.print(f"wrote {path}")
 
 

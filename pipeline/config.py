@@ -44,6 +44,14 @@ class TwitterGmnerSource(_Strict):
     name: str = "twitter-gmner-v2"
     limit: int | None = Field(None, ge=1, description="ingest only the first N samples per split (for trials)")
 
+    @field_validator("splits")
+    @classmethod
+    def _distinct_splits(cls, splits: list[str]) -> list[str]:
+        # a repeated split would ingest its ids twice, which ingest refuses mid-way with a traceback
+        if len(set(splits)) != len(splits):
+            raise ValueError(f"a split appears twice: {splits}")
+        return splits
+
 
 class SampleSource(_Strict):
     """The small sample that ships inside the package (photos materialised from scikit-image / matplotlib)."""

@@ -37,6 +37,11 @@ def _iter_records(stage_dir: Path, limit: int) -> Iterator[dict[str, Any]]:
                 return
 
 
+def _drawable(box: Any) -> bool:
+    """Pillow raises on an inverted box; model output can hold one, and the page must still render."""
+    return bool(box) and len(box) == 4 and box[2] >= box[0] and box[3] >= box[1]
+
+
 def _thumbnail(rec: dict[str, Any]) -> str | None:
     path = (rec.get("image") or {}).get("path")
     if not path or not Path(path).is_file():
@@ -50,10 +55,14 @@ def _thumbnail(rec: dict[str, Any]) -> str | None:
         return None
     draw = ImageDraw.Draw(im)
     for det in (rec.get("detections") or {}).get("boxes") or []:
+        if not _drawable(det["box"]):
+            continue
         draw.rectangle([v * scale for v in det["box"]], outline=(0, 102, 204), width=2)
         draw.text((det["box"][0] * scale + 2, det["box"][1] * scale + 2), det["label"], fill=(0, 102, 204))
     for ent in rec.get("entities") or []:
         for box in ent.get("boxes") or []:
+            if not _drawable(box):
+                continue
             draw.rectangle([v * scale for v in box], outline=(0, 170, 0), width=3)
             draw.text((box[0] * scale + 3, box[3] * scale - 12), ent["text"], fill=(0, 170, 0))
     buf = io.BytesIO()
@@ -95,7 +104,9 @@ def _record_html(rec: dict[str, Any]) -> str:
 def render_html(output_dir: str | Path, limit: int = 50, stage: str | None = None) -> str:
     latest = load_latest(output_dir)
     chain = latest["chain"]
-    entry = next((c for c in chain if c["stage"] == stage), chain[-1]) if stage else chain[-1]
+    entry = next((c for c in chain if c["stage"] == stage), None) if stage else chain[-1]
+    if entry is None:
+        raise KeyError(f"stage {stage!r} is not in the last run; stages: {[c['stage'] for c in chain]}")
     counts = []
     for c in chain:
         t = stage_totals(Path(c["dir"]))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, stable_hash
+from .config import ConfigError, RunConfig, _did_you_mean, stable_hash
 from .schema import SCHEMA_MAJOR
 from .stage import Stage, StageConfig
 
@@ -85,8 +85,13 @@ def source_fingerprint(source: Any) -> str:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
             for name in sorted(filenames):
-                st = os.stat(os.path.join(dirpath, name))
-                h.update(f"{os.path.relpath(os.path.join(dirpath, name), root)}|{st.st_size}|{st.st_mtime_ns}".encode())
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(path)
+                    state = f"{st.st_size}|{st.st_mtime_ns}"
+                except OSError:  # a dangling link or unreadable file: that record's problem, not the whole run's
+                    state = "unreadable"
+                h.update(f"{os.path.relpath(path, root)}|{state}".encode())
     return h.hexdigest()[:16]
 
 
@@ -94,7 +99,9 @@ def plan_run(config: RunConfig, stages: list[str] | None = None) -> RunPlan:
     """Plan the stages ``stages`` (default: ``config.pipeline``) over the configured source."""
     from gmner_pipeline.stages import load_stage
 
-    out = Path(config.run.output_dir)
+    # Absolute: actors on other nodes do not share the driver's working directory, and latest.json's folders must
+    # still be found by ``status``/``show`` run from elsewhere.
+    out = Path(os.path.abspath(Path(config.run.output_dir).expanduser()))
     source = config.source.model_dump(mode="json")
     ingest_key = stable_hash({"ingest": INGEST_VERSION, "schema_major": SCHEMA_MAJOR, "source": source,
                               "shard_size": config.run.shard_size, "files": source_fingerprint(config.source)})
@@ -120,4 +127,12 @@ def stages_for_command(config: RunConfig, target: str | None) -> list[str]:
         return list(config.pipeline)
     if target in config.pipeline:
         return config.pipeline[: config.pipeline.index(target) + 1]
+    from gmner_pipeline.stages import STAGES, UnknownStage, load_stage
+
+    try:
+        load_stage(target)
+    except UnknownStage as exc:
+        raise ConfigError(f"{exc.args[0]}{_did_you_mean(target, STAGES)}") from None
+    except ImportError as exc:
+        raise ConfigError(f"stage {target!r} cannot be imported: {exc}") from None
     return [target]

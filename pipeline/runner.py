@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterator
 from .config import RunConfig, stable_hash
 from .ingest_step import run_ingest
 from .plan import RunPlan, StagePlan, plan_run
-from .shards import MANIFEST, committed_indices, read_markers, remove_stale_temporaries, shard_path, \
-    write_json_atomic
+from .shards import MANIFEST, committed_indices, marker_path, read_markers, remove_stale_temporaries, \
+    shard_path, write_json_atomic
 from .stage import StageContext
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,15 @@ class StageProgress:
     processed_now: int = 0  # shards processed in this run (not reused)
     records_now: int = 0
     started: float | None = None
+    finished: float | None = None  # when its last shard of this run came back (its rate ends there)
     failed: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def records_per_s(self) -> float:
         if not self.started or not self.records_now:
             return 0.0
-        return self.records_now / max(time.perf_counter() - self.started, 1e-9)
+        end = self.finished if self.finished is not None else time.perf_counter()
+        return self.records_now / max(end - self.started, 1e-9)
 
 
 @dataclass
@@ -123,6 +125,9 @@ class ShardActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def close(self) -> None:
+        self.processor.close()
+
 
 @contextlib.contextmanager
 def ray_session(config: RunConfig) -> Iterator[Any]:
@@ -148,7 +153,8 @@ def ray_session(config: RunConfig) -> Iterator[Any]:
 
 
 class _Pool:
-    """The actors of one stage, with how many shards each has in flight."""
+    """The actors of one stage, with how many shards each has in flight. A shard goes only to an actor that is up:
+    an actor Ray cannot place (a pool larger than the cluster) must not hold shards that would wait on it forever."""
 
     def __init__(self, ray: Any, stage: StagePlan, context: dict[str, Any], restarts: int):
         res = stage.config.resources
@@ -157,18 +163,39 @@ class _Pool:
         )
         self._args = (stage.name, stage.config.model_dump(mode="json"), context)
         self.max_in_flight = res.max_in_flight
-        self.actors = [self._factory.remote(*self._args) for _ in range(res.pool_size)]
-        self.load = [0] * len(self.actors)
+        self.actors: list[Any] = [None] * res.pool_size
+        self.load = [0] * res.pool_size
+        self.up = [False] * res.pool_size
+        self.solo = [False] * res.pool_size  # running a retried shard, alone
+        self.starting: dict[Any, int] = {}  # ref of an actor's first call -> its slot
+        for slot in range(res.pool_size):
+            self.replace(slot)
 
-    def free_slot(self) -> int | None:
-        best = min(range(len(self.actors)), key=self.load.__getitem__)
-        return best if self.load[best] < self.max_in_flight else None
+    def free_slot(self, alone: bool = False) -> int | None:
+        """A slot for one more shard; ``alone``: an idle one, kept for that shard only (a retried shard may be the
+        one that kills its worker, and must not take the shards queued beside it down again)."""
+        limit = 1 if alone else self.max_in_flight
+        slots = [i for i in range(len(self.actors)) if self.up[i] and not self.solo[i] and self.load[i] < limit]
+        return min(slots, key=self.load.__getitem__) if slots else None
+
+    def started(self, ref: Any) -> None:
+        """The actor's first call returned (or failed: then its shards fail and go through the retry path)."""
+        self.up[self.starting.pop(ref)] = True
 
     def replace(self, slot: int) -> None:
+        self.starting = {ref: s for ref, s in self.starting.items() if s != slot}
         self.actors[slot] = self._factory.remote(*self._args)
         self.load[slot] = 0
+        self.up[slot] = False
+        self.solo[slot] = False
+        self.starting[self.actors[slot].pid.remote()] = slot
 
-    def kill(self, ray: Any) -> None:
+    def kill(self, ray: Any, close_timeout_s: float = 60.0) -> None:
+        """Let every started actor close its stage (release resources, log its stats), then end the processes."""
+        closing = [actor.close.remote() for actor, up in zip(self.actors, self.up) if up]
+        if closing:
+            with contextlib.suppress(Exception):
+                ray.wait(closing, num_returns=len(closing), timeout=close_timeout_s)
         for actor in self.actors:
             with contextlib.suppress(Exception):
                 ray.kill(actor)
@@ -182,14 +209,20 @@ def execute(plan: RunPlan, config: RunConfig, run_id: str, num_shards: int,
     if not stages:
         return progress
     committed = [committed_indices(s.dir) for s in stages]
-    for s, done in zip(stages, committed):
-        progress[s.name].done = len(done & set(range(num_shards)))
     ready: list[deque[int]] = [deque() for _ in stages]
     for shard in range(num_shards):
         for k, done in enumerate(committed):
             if shard not in done:
                 ready[k].append(shard)
+                # Downstream shards made from the output this stage is about to replace are void: keeping them
+                # would pair a new upstream shard with results computed from the old one.
+                for j in range(k + 1, len(stages)):
+                    if shard in committed[j]:
+                        marker_path(stages[j].dir, shard).unlink(missing_ok=True)
+                        committed[j].discard(shard)
                 break
+    for s, done in zip(stages, committed):
+        progress[s.name].done = len(done & set(range(num_shards)))
     pending = [num_shards - progress[s.name].done for s in stages]
     if not any(pending):
         return progress
@@ -202,7 +235,7 @@ def execute(plan: RunPlan, config: RunConfig, run_id: str, num_shards: int,
 
     with ray_session(config) as ray:
         pools: dict[int, _Pool] = {}
-        in_flight: dict[Any, tuple[int, int, int]] = {}  # ref -> (stage k, shard, slot)
+        in_flight: dict[Any, tuple[int, int, int, Any, bool]] = {}  # ref -> (stage k, shard, slot, actor, alone)
         attempts: dict[tuple[int, int], int] = {}
 
         def input_path(k: int, shard: int) -> Path:
@@ -217,13 +250,16 @@ def execute(plan: RunPlan, config: RunConfig, run_id: str, num_shards: int,
                                            run_config=config.to_dict())
                         pools[k] = _Pool(ray, stages[k], ctx.model_dump(), config.run.actor_restarts)
                         progress[stages[k].name].started = time.perf_counter()
-                    slot = pools[k].free_slot()
+                    alone = attempts.get((k, queue[0]), 0) > 0
+                    slot = pools[k].free_slot(alone)
                     if slot is None:
                         break
                     shard = queue.popleft()
-                    ref = pools[k].actors[slot].process.remote(shard, str(input_path(k, shard)), str(stages[k].dir))
+                    actor = pools[k].actors[slot]
+                    ref = actor.process.remote(shard, str(input_path(k, shard)), str(stages[k].dir))
                     pools[k].load[slot] += 1
-                    in_flight[ref] = (k, shard, slot)
+                    pools[k].solo[slot] = alone
+                    in_flight[ref] = (k, shard, slot, actor, alone)
 
         def finish_stage_if_done(k: int) -> None:
             # A stage's pool is released once no shard can reach it any more, freeing CPUs/GPUs for later stages.
@@ -231,20 +267,30 @@ def execute(plan: RunPlan, config: RunConfig, run_id: str, num_shards: int,
             if k in pools and pending[k] == 0 and not upstream_busy:
                 pools.pop(k).kill(ray)
 
+        def waiting_for_actors() -> bool:
+            return any(ready[k] and pools[k].starting for k in pools)
+
         submit_ready()
-        while in_flight:
-            done_refs, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+        while in_flight or waiting_for_actors():
+            starting = {ref: k for k, pool in pools.items() for ref in pool.starting}
+            done_refs, _ = ray.wait([*in_flight, *starting], num_returns=1, timeout=1.0)
             for ref in done_refs:
-                k, shard, slot = in_flight.pop(ref)
+                if ref in starting:
+                    pools[starting[ref]].started(ref)
+                    continue
+                k, shard, slot, actor, alone = in_flight.pop(ref)
                 pool = pools[k]
-                pool.load[slot] = max(0, pool.load[slot] - 1)
+                same_actor = pool.actors[slot] is actor  # not already replaced after another of its shards failed
+                if same_actor:
+                    pool.load[slot] = max(0, pool.load[slot] - 1)
+                    pool.solo[slot] = pool.solo[slot] and not alone
                 sp = progress[stages[k].name]
                 try:
                     stats = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - every failure is handled per shard below
                     n = attempts[(k, shard)] = attempts.get((k, shard), 0) + 1
                     actor_died = isinstance(exc, (ray.exceptions.RayActorError,))
-                    if actor_died:
+                    if actor_died and same_actor:
                         pool.replace(slot)
                     if n < config.run.shard_attempts:
                         log.warning("%s shard %d failed (attempt %d/%d): %s; retrying", stages[k].name, shard, n,
@@ -270,6 +316,8 @@ def execute(plan: RunPlan, config: RunConfig, run_id: str, num_shards: int,
                     if nxt < len(stages):
                         ready[nxt].append(shard)
                 for j in range(len(stages)):
+                    if pending[j] == 0 and progress[stages[j].name].finished is None:
+                        progress[stages[j].name].finished = time.perf_counter()
                     finish_stage_if_done(j)
             submit_ready()
             if on_progress:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 def find_image(image_dir: str | Path, key: str) -> Path | None:
     """``<image_dir>/<key>.<ext>`` for the usual extensions (Twitter images are .jpg), or None."""
-    base = Path(image_dir)
+    base = Path(os.path.abspath(image_dir))  # records carry the path to actors on other nodes: never relative
     for ext in IMAGE_EXTENSIONS:
         path = base / f"{key}{ext}"
         if path.is_file():

@@ -6,10 +6,11 @@ one source and only that source's keys are accepted.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gmner_pipeline.prompts import prompt_hash
 from gmner_pipeline.stage import StageConfig
 
 
@@ -124,3 +125,11 @@ class RetrieveConfig(StageConfig):
     score_text: Literal["sentence", "query"] = Field(
         "sentence", description="what CLIP's text side embeds for scoring: the sentence (VKEL eq. 2) or the query"
     )
+
+    def key_payload(self) -> dict[str, Any]:
+        """The stage key also covers the query template's text: editing it changes every query."""
+        try:
+            template = prompt_hash(self.query_template)
+        except (FileNotFoundError, OSError):
+            template = None  # preflight reports the missing template with what to do
+        return {**super().key_payload(), "query_template_hash": template}

@@ -56,6 +56,11 @@ def test_two_stages_rerun_and_partial_recompute(tmp_path, ray_local):
     first, second = result.plan.stages
     assert final_ids(second.dir) == expected_ids(24)
     assert [result.stages[s.name].processed_now for s in result.plan.stages] == [5, 5]
+    # a stage's rate covers its own work: it neither decays after the run nor counts the time later stages took
+    rates = [result.stages[s.name].records_per_s for s in result.plan.stages]
+    time.sleep(0.3)
+    assert [result.stages[s.name].records_per_s for s in result.plan.stages] == rates
+    assert result.stages[first.name].finished <= result.stages[second.name].finished
     out = tmp_path / "out"
     assert (out / "config.yaml").is_file() and json.loads((out / "latest.json").read_text())["ok"]
 
@@ -161,3 +166,55 @@ def test_killing_the_driver_then_rerunning_gives_every_record_once(tmp_path):
     assert len(committed_indices(final)) == 10
     assert final_ids(final) == expected_ids(40)
     assert not [p for p in final.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.timeout(120)
+def test_a_pool_larger_than_the_cluster_still_finishes(tmp_path, ray_local):
+    # 3 actors of 1 CPU on a 2-CPU Ray: the third is never placed, so no shard may wait on it (it used to hang forever)
+    path = config(tmp_path, n=12, shard_size=2, resources={"num_cpus": 1, "pool_size": 3, "max_in_flight": 1})
+    result = runner.run(load_config(str(path), ["pipeline=[passthrough]"]))
+    assert result.ok and len(committed_indices(result.plan.final_dir)) == 6
+    assert final_ids(result.plan.final_dir) == expected_ids(12)
+
+
+CLOSE_PROBE = '''
+from pathlib import Path
+from gmner_pipeline.stages.passthrough import PassthroughStage
+
+class ClosingStage(PassthroughStage):
+    def close(self):
+        (Path(self.context.output_dir) / f"closed-{id(self)}").write_text("x")
+'''
+
+
+def test_the_runner_closes_each_stage_instance(tmp_path):
+    # Stage.close() releases resources and logs the stage's stats (annotate, retrieve, LLM clients): the runner
+    # must call it in every actor before ending the pool, not just kill the process.
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "closeprobe.py").write_text(CLOSE_PROBE)
+    path = config(tmp_path, n=4, shard_size=2)
+    raw = yaml.safe_load(path.read_text())
+    raw.update(pipeline=["closeprobe:ClosingStage"],
+               stages={"closeprobe:ClosingStage": {"resources": {"pool_size": 2}}})
+    path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(tmp_path / "probe")}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "gmner_pipeline.cli", "run", "--config", str(path)], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "out").glob("closed-*"))) == 2
+
+
+def test_a_recomputed_upstream_shard_is_recomputed_downstream(tmp_path, ray_local):
+    # Deleting an upstream shard (to redo it) must not leave the downstream shard made from the old one: with a
+    # stage that is not deterministic (web retrieval, sampled LLM) it would no longer match its input.
+    path = config(tmp_path, n=12, shard_size=4)
+    first = runner.run(load_config(str(path)))
+    up, down = first.plan.stages
+    for suffix in (".parquet", ".done.json"):
+        (up.dir / f"shard-00001{suffix}").unlink()
+    again = runner.run(load_config(str(path)))
+    assert again.ok and [again.stages[s.name].processed_now for s in again.plan.stages] == [1, 1]
+    recs = read_records(down.dir / "shard-00001.parquet")
+    assert {r["lineage"][-2]["run_id"] for r in recs} == {r["lineage"][-1]["run_id"] for r in recs} == {again.run_id}
+    assert final_ids(down.dir) == expected_ids(12)

@@ -22,6 +22,7 @@ def test_defaults_validate_and_overrides_are_typed(tmp_path):
     ("pipeline=[tempalte_cot]", "did you mean 'template_cot'"),
     ("run.shard_size=0", "greater than or equal to 1"),
     ("source.kind=nope", "source"),
+    ("source={kind: twitter_gmner, path: x, splits: [train, train]}", "a split appears twice"),
 ])
 def test_bad_config_is_rejected_with_a_helpful_message(tmp_path, override, needle):
     with pytest.raises(ConfigError) as exc:
@@ -62,3 +63,34 @@ def test_stages_for_command(tmp_path):
     assert stages_for_command(c, None) == ["passthrough", "template_cot"]
     assert stages_for_command(c, "passthrough") == ["passthrough"]
     assert stages_for_command(c, "retrieve") == ["retrieve"]
+
+
+def test_relative_output_dir_is_planned_as_an_absolute_path(tmp_path, monkeypatch):
+    # Actors on other nodes of a cluster do not share the driver's working directory: every folder handed to them
+    # (stage dirs, the context's output_dir, the sample image cache) must be absolute.
+    monkeypatch.chdir(tmp_path)
+    plan = plan_run(load_config(None, ["run.output_dir=rel-out", "pipeline=[passthrough]"]))
+    assert plan.output_dir == tmp_path / "rel-out"
+    assert plan.ingest.dir.is_absolute() and plan.stages[0].dir.is_absolute()
+
+
+def test_a_dangling_symlink_in_the_source_does_not_stop_the_plan(tmp_path):
+    # A broken link among the images is bad input for one record ("image not found"), not a reason to refuse the run.
+    from conftest import write_gmner_dataset
+
+    data = write_gmner_dataset(tmp_path / "data", 2)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "1000.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    c = cfg(tmp_path, "source={kind: twitter_gmner, path: " + str(data) + ", image_dir: " + str(tmp_path / "img") + "}")
+    before = plan_run(c).ingest.key
+    (tmp_path / "nowhere.jpg").write_bytes(b"x")  # the link now resolves: the source changed
+    assert plan_run(c).ingest.key != before
+
+
+def test_run_of_an_unknown_stage_is_a_config_error(tmp_path):
+    # `gmner-pipeline run annotat` used to end in an UnknownStage traceback (exit 1) instead of a message (exit 2)
+    c = cfg(tmp_path)
+    with pytest.raises(ConfigError, match="did you mean 'annotate'"):
+        stages_for_command(c, "annotat")
+    with pytest.raises(ConfigError, match="nosuch"):
+        stages_for_command(c, "nosuch.mod:Stage")

@@ -118,3 +118,13 @@ def test_twitter_gmner_v2_counts():
 def test_synthetic_dataset_helper(tmp_path):
     root = write_gmner_dataset(tmp_path, 5)
     assert len(list(read_twitter_gmner(root, "train"))) == 5
+
+
+def test_relative_image_dir_gives_absolute_image_paths(tmp_path, monkeypatch):
+    # Records travel to actors on other nodes (and to later runs from elsewhere): their image paths must be absolute.
+    root = make(tmp_path, {"3": ["c\tO"]}, {"3": voc([], w=20, h=10)})
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (20, 10)).save(tmp_path / "img" / "3.jpg")
+    monkeypatch.chdir(tmp_path)
+    (rec,) = read_twitter_gmner(root, "train", image_dir="img")
+    assert rec["status"] == "ok" and rec["image"]["path"] == str(tmp_path / "img" / "3.jpg")

@@ -232,3 +232,21 @@ def test_score_text_sentence_or_query():
         stage.encoder = FakeEncoder(vectors)
         r = stage([rec(["Paris", "in", "spring"], [(0, 1, "LOC")])])[0]
         assert r["retrieval"]["chosen_score"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_stage_key_covers_the_query_template_text(tmp_path, monkeypatch):
+    # Editing the query template changes every query, so a rerun must not reuse the old retrievals.
+    import gmner_pipeline.prompts as prompts
+    from gmner_pipeline.stages.retrieve.config import RetrieveConfig
+
+    monkeypatch.setattr(prompts, "PROMPTS_DIR", tmp_path)
+    config = RetrieveConfig(query_template="q.txt")
+    try:
+        (tmp_path / "q.txt").write_text("{text}")
+        prompts.load_text.cache_clear()
+        before = config.key_payload()
+        (tmp_path / "q.txt").write_text("{text} {entities}")
+        prompts.load_text.cache_clear()
+        assert config.key_payload() != before
+    finally:
+        prompts.load_text.cache_clear()
