@@ -69,7 +69,8 @@ def _hammer(args: tuple[str, str, int]) -> int:
 @pytest.mark.parametrize("backend", ["sqlite", "files"])
 def test_cache_is_safe_with_many_processes(tmp_path, backend):
     path = str(tmp_path / ("c.sqlite" if backend == "sqlite" else "c"))
-    with mp.get_context("fork").Pool(4) as pool:
+    # spawn, not fork: forking a process in which Ray (or any threaded library) runs can deadlock the child
+    with mp.get_context("spawn").Pool(4) as pool:
         assert sorted(pool.map(_hammer, [(backend, path, w) for w in range(4)])) == [0, 1, 2, 3]
     cache = SqliteCache(path) if backend == "sqlite" else FileCache(path)
     assert len(cache) == 150
