@@ -95,6 +95,24 @@ def source_fingerprint(source: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def llm_key_payload(config: RunConfig, roles: set[str]) -> dict[str, Any] | None:
+    """What of the ``llm`` section decides an LLM-driven stage's answers: per role the model identity (with its
+    revision) and the sampling, plus how images are sent. Endpoint URLs, concurrency, retries and the cache location
+    are left out: moving to other replicas of the same model reuses the outputs, a new teacher recomputes them."""
+    if not roles:
+        return None
+    from gmner_pipeline.llm.config import LLMConfig
+
+    llm = LLMConfig.coerce(config.llm)
+    payload: dict[str, Any] = {"images": llm.images.model_dump(mode="json"), "roles": {}}
+    for role in sorted(roles):
+        rc = llm.role(role)
+        model = rc.identity() if rc.endpoints or rc.model_id else f"embedded:{llm.embedded.model_name}"
+        payload["roles"][role] = {"model": model, "sampling": rc.sampling.model_dump(mode="json"),
+                                  "n_mode": rc.n_mode}
+    return payload
+
+
 def plan_run(config: RunConfig, stages: list[str] | None = None) -> RunPlan:
     """Plan the stages ``stages`` (default: ``config.pipeline``) over the configured source."""
     from gmner_pipeline.stages import load_stage
@@ -114,7 +132,8 @@ def plan_run(config: RunConfig, stages: list[str] | None = None) -> RunPlan:
         cls = load_stage(name)
         cfg = config.stages.get(name) or cls.Config()
         key = stable_hash({"stage": name, "version": cls.version, "schema_major": SCHEMA_MAJOR,
-                           "config": cfg.key_payload(), "upstream": upstream, "seed": config.run.seed})
+                           "config": cfg.key_payload(), "upstream": upstream, "seed": config.run.seed,
+                           "llm": llm_key_payload(config, cls.llm_roles(cfg))})
         plans.append(StagePlan(name, cls, cfg, key, upstream, out / name / key))
         upstream = key
     return RunPlan(out, ingest, plans)

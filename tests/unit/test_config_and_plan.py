@@ -2,6 +2,7 @@ import pytest
 
 from gmner_pipeline.config import ConfigError, load_config
 from gmner_pipeline.plan import plan_run, stages_for_command
+from gmner_pipeline.stage import Stage
 
 
 def cfg(tmp_path, *sets, path=None):
@@ -94,3 +95,30 @@ def test_run_of_an_unknown_stage_is_a_config_error(tmp_path):
         stages_for_command(c, "annotat")
     with pytest.raises(ConfigError, match="nosuch"):
         stages_for_command(c, "nosuch.mod:Stage")
+
+
+class TeacherStage(Stage):
+    """A stand-in LLM-driven stage (plugin path below) for the key tests."""
+
+    name = "teacher_stage"
+
+    @classmethod
+    def llm_roles(cls, config):
+        return {"teacher"}
+
+
+def test_llm_stage_keys_follow_model_and_sampling_but_not_endpoints(tmp_path):
+    plugin = "test_config_and_plan:TeacherStage"
+
+    def key(*sets):
+        return plan_run(cfg(tmp_path, f"pipeline=[passthrough, '{plugin}']", *sets)).stages
+
+    ep = "llm.roles.teacher.endpoints=[{base_url: 'http://a:8000/v1', model: qwen-72b}]"
+    base = key(ep)
+    moved = key("llm.roles.teacher.endpoints=[{base_url: 'http://b:9000/v1', model: qwen-72b, max_concurrency: 4}]")
+    new_teacher = key("llm.roles.teacher.endpoints=[{base_url: 'http://a:8000/v1', model: qwen3-vl}]")
+    hotter = key(ep, "llm.roles.teacher.sampling.temperature=1.0")
+    embedded = key()
+    assert base[0].key == new_teacher[0].key == embedded[0].key  # passthrough calls no LLM
+    assert moved[1].key == base[1].key  # other replicas of the same model: reuse
+    assert len({base[1].key, new_teacher[1].key, hotter[1].key, embedded[1].key}) == 4
