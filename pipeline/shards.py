@@ -10,18 +10,16 @@ exactly-once at the record level.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
 import pyarrow.parquet as pq
 
+from .atomic import TMP_MARK, atomic_open, write_bytes_atomic
 from .schema import records_to_table, table_to_records
 
 SHARD_GLOB = "shard-*.parquet"
 MANIFEST = "_stage.json"
-TMP_MARK = ".tmp-"
 
 
 def shard_name(index: int) -> str:
@@ -40,18 +38,9 @@ def shard_index(path: str | Path) -> int:
     return int(Path(path).name.split(".")[0].split("-")[1])
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def write_json_atomic(path: str | Path, payload: Any) -> None:
-    _atomic_write_bytes(Path(path), (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode())
+    data = (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode()
+    write_bytes_atomic(path, data, durable=True)
 
 
 def read_json(path: str | Path) -> Any:
@@ -61,14 +50,9 @@ def read_json(path: str | Path) -> Any:
 
 def write_records(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
     """Write records with the record schema to ``path`` atomically. Returns the row count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = records_to_table(records)
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_open(path, "wb", durable=True) as fh:
+        pq.write_table(table, fh, compression="zstd")
     return table.num_rows
 
 

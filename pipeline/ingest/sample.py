@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,6 +18,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from ..atomic import write_bytes_atomic
 from .twitter_gmner import read_twitter_gmner
 
 log = logging.getLogger(__name__)
@@ -66,18 +65,6 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def write_atomic(data: bytes, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see a half-written image, and
-    concurrent workers materialising the same photo just replace it with identical content."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is meant to be readable like any other output
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def render_stamp() -> str:
@@ -104,12 +91,12 @@ def materialise_images(cache_dir: str | Path) -> Path:
         try:
             if spec not in encoded:
                 encoded[spec] = png_bytes(load_photo(spec))
-            write_atomic(encoded[spec], path)
+            write_bytes_atomic(path, encoded[spec])
         except Exception as exc:  # noqa: BLE001 - reported per image, the other records still ingest
             failed = True
             log.warning("sample image %s (%s) could not be materialised: %s", imgid, spec, exc)
     if stale and not failed:
-        write_atomic(stamp.encode(), stamp_path)
+        write_bytes_atomic(stamp_path, stamp.encode())
     return image_dir
 
 

@@ -18,12 +18,12 @@ import json
 import logging
 import os
 import sqlite3
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..atomic import atomic_open
 from .config import CacheConfig
 
 log = logging.getLogger(__name__)
@@ -136,16 +136,8 @@ class FileCache:
             return None
 
     def put(self, key: str, value: dict[str, Any]) -> None:
-        target = self._file(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{key[:8]}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(value, fh, ensure_ascii=False)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(self._file(key), "w", encoding="utf-8") as fh:
+            json.dump(value, fh, ensure_ascii=False)
 
     def __len__(self) -> int:
         return sum(1 for _ in self.path.glob("*/*.json"))

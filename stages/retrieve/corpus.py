@@ -31,6 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gmner_pipeline.atomic import atomic_open
+
 from .config import LocalCorpusSource
 from .images import IMAGE_SUFFIXES, UnreadableImage, open_checked, sha256_hex, store_content_addressed, to_rgb
 
@@ -330,7 +332,5 @@ _ITEMS_SCHEMA = pa.schema([
 
 
 def _write_atomic(target: Path, write: Any) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_open(target, "wb") as fh:
         write(fh)
-    os.replace(tmp, target)

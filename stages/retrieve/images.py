@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+
+from gmner_pipeline.atomic import write_bytes_atomic
 
 # The formats we accept, by the bytes a file of that format starts with. PIL is told to try only the sniffed format, so
 # a file cannot reach a decoder for a format we never meant to parse.
@@ -104,13 +104,5 @@ def store_content_addressed(data: bytes, store_dir: str | Path, extension: str, 
     target = Path(store_dir) / digest[:2] / f"{digest}.{extension}"
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(target, data)
     return target
