@@ -24,6 +24,9 @@ class DetectorBackend(ABC):
 
     def __init__(self, config: Any):
         self.config = config
+        # Set by each backend when it loads its model (see the two properties below).
+        self._model_id = ""
+        self._class_names: list[str] | None = None
 
     @classmethod
     @abstractmethod
@@ -31,14 +34,14 @@ class DetectorBackend(ABC):
         """Raise StageSetupError (with what to do) when the weights/config cannot be found. Runs in the driver."""
 
     @property
-    @abstractmethod
     def model_id(self) -> str:
         """Identifies the weights (file name + content hash, or config + checkpoint)."""
+        return self._model_id
 
     @property
     def class_names(self) -> Sequence[str] | None:
         """Class names from the model's own metadata, when it carries them."""
-        return None
+        return self._class_names
 
     @abstractmethod
     def detect(self, images: Sequence[np.ndarray]) -> list[list[RawDetection]]:

@@ -132,14 +132,6 @@ class MmdetBackend(DetectorBackend):
         classes = (self.model.dataset_meta or {}).get("classes")
         self._class_names = [str(c) for c in classes] if classes else None
 
-    @property
-    def model_id(self) -> str:
-        return self._model_id
-
-    @property
-    def class_names(self) -> list[str] | None:
-        return self._class_names
-
     def collate(self, images: Sequence[np.ndarray]) -> dict:
         packed = [self.pipeline({"img": img, "img_id": i}) for i, img in enumerate(images)]
         return {"inputs": [p["inputs"] for p in packed], "data_samples": [p["data_samples"] for p in packed]}

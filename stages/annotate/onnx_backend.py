@@ -125,14 +125,6 @@ class OnnxBackend(DetectorBackend):
         logger.info("onnxruntime detector %s: %s format, input %s, providers %s", self._model_id,
                     self.output_format, self.input_hw, self.session.get_providers())
 
-    @property
-    def model_id(self) -> str:
-        return self._model_id
-
-    @property
-    def class_names(self) -> list[str] | None:
-        return self._class_names
-
     def preprocess(self, images: Sequence[np.ndarray]):
         cfg = self.config
         boxed = [letterbox(img, self.input_hw, cfg.pad_value, cfg.pad_position == "center") for img in images]
