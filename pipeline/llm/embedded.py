@@ -14,7 +14,6 @@ GGUF extracted into the user cache.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import importlib.util
 import logging
 import os
@@ -25,6 +24,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from ..hashing import file_sha256
 from .config import EmbeddedConfig, EndpointConfig
 from .process import ServerProcess, free_port
 
@@ -100,16 +100,13 @@ def file_digest(path: Path, length: int = 12) -> str:
     memo = model_cache_dir() / "digests" / f"{path.name}.{stat.st_size}.{int(stat.st_mtime)}"
     if memo.is_file():
         return memo.read_text().strip()[:length]
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
+    digest = file_sha256(path)
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
-        memo.write_text(h.hexdigest())
+        memo.write_text(digest)
     except OSError:
         pass
-    return h.hexdigest()[:length]
+    return digest[:length]
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec

@@ -4,7 +4,6 @@ NMS'd by ``raw_head``), with the model's own letterbox, channel order and mean/s
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from gmner_pipeline.hashing import file_sha256
 from gmner_pipeline.stage import StageSetupError
 
 from .backends import DetectorBackend
@@ -69,14 +69,6 @@ def split_raw_head_outputs(names: Sequence[str]) -> tuple[list[int], list[int]]:
     if len(cls) == len(box) == half:
         return cls, box
     return list(range(half)), list(range(half, len(names)))
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class OnnxBackend(DetectorBackend):

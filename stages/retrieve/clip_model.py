@@ -20,6 +20,7 @@ from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import numpy as np
 
+from gmner_pipeline.hashing import file_sha256
 from gmner_pipeline.stage import StageSetupError
 
 from .config import ClipConfig
@@ -63,21 +64,11 @@ def register_model_config(cfg: ClipConfig) -> None:
         open_clip.add_model_config(path)
 
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
 def _file_digest(path: str | os.PathLike[str]) -> str:
-    """sha256 of a weights file (first 16 hex), memoised by (path, size, mtime) because checkpoints are large."""
-    stat = os.stat(path)
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    _cache = _DIGESTS
-    if key not in _cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        _cache[key] = h.hexdigest()[:16]
-    return _cache[key]
+    """sha256 of a weights file (first 16 hex)."""
+    return file_sha256(path)[:16]
 
 
 def _find_weights_in_dir(folder: Path) -> Path | None:
