@@ -15,9 +15,6 @@ STAGES: dict[str, str] = {
     "passthrough": "gmner_pipeline.stages.passthrough:PassthroughStage",
 }
 
-# The order stages run in when several are configured (the stage graph is a chain; see README).
-CANONICAL_ORDER = ["retrieve", "annotate", "knowledge", "template_cot", "distill", "grpo_filter"]
-
 
 class UnknownStage(KeyError):
     pass
