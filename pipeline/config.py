@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .llm.config import LLMConfig
+from .splits import DatasetConfig
 from .stage import StageConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"  # source checkout; installed: gmner_pipeline/configs
@@ -100,6 +101,7 @@ class RunConfig(_Strict):
     pipeline: list[str] = Field(default_factory=lambda: ["template_cot"], description="stages to run, in order")
     stages: dict[str, Any] = Field(default_factory=dict, description="one section per stage, validated by the stage")
     llm: LLMConfig = Field(default_factory=LLMConfig, description="LLM endpoints per role (see docs/llm.md)")
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig, description="the D1 (SFT) / D2 (GRPO) split")
 
     @field_validator("pipeline")
     @classmethod
