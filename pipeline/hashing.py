@@ -21,3 +21,16 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
                 h.update(chunk)
         _MEMO[key] = h.hexdigest()
     return _MEMO[key]
+
+
+def dir_sha256(path: str | os.PathLike[str]) -> str:
+    """Full hex sha256 of a folder's files (relative names and contents, in sorted order): the identity of a saved
+    model or adapter folder (a PEFT adapter's config + weights), independent of where the folder lies."""
+    root = Path(path)
+    if root.is_file():
+        return file_sha256(root)
+    h = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(file.relative_to(root).as_posix().encode() + b"\0")
+        h.update(file_sha256(file).encode())
+    return h.hexdigest()
