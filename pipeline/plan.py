@@ -131,9 +131,11 @@ def plan_run(config: RunConfig, stages: list[str] | None = None) -> RunPlan:
     for name in names:
         cls = load_stage(name)
         cfg = config.stages.get(name) or cls.Config()
-        key = stable_hash({"stage": name, "version": cls.version, "schema_major": SCHEMA_MAJOR,
-                           "config": cfg.key_payload(), "upstream": upstream, "seed": config.run.seed,
-                           "llm": llm_key_payload(config, cls.llm_roles(cfg))})
+        payload = {"stage": name, "version": cls.version, "schema_major": SCHEMA_MAJOR, "config": cfg.key_payload(),
+                   "upstream": upstream, "seed": config.run.seed, "llm": llm_key_payload(config, cls.llm_roles(cfg))}
+        if "cot" in cls.writes:  # cot.split is the D1/D2 assignment: the dataset section decides it
+            payload["dataset"] = config.dataset.model_dump(mode="json")
+        key = stable_hash(payload)
         plans.append(StagePlan(name, cls, cfg, key, upstream, out / name / key))
         upstream = key
     return RunPlan(out, ingest, plans)

@@ -247,7 +247,7 @@ def execute(plan: RunPlan, config: RunConfig, run_id: str, num_shards: int,
                     if k not in pools:
                         ctx = StageContext(run_id=run_id, stage_key=stages[k].key, config_hash=config_hash,
                                            seed=config.run.seed, output_dir=str(plan.output_dir),
-                                           run_config=config.to_dict())
+                                           dataset=config.dataset, run_config=config.to_dict())
                         pools[k] = _Pool(ray, stages[k], ctx.model_dump(), config.run.actor_restarts)
                         progress[stages[k].name].started = time.perf_counter()
                     alone = attempts.get((k, queue[0]), 0) > 0

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Iterable
 from pydantic import BaseModel, ConfigDict, Field
 
 from .schema import STATUS_DROPPED, STATUS_ERROR, STATUS_OK
+from .splits import DatasetConfig
 
 Record = dict[str, Any]
 
@@ -64,6 +65,7 @@ class StageContext(BaseModel):
     config_hash: str = ""
     seed: int = 0
     output_dir: str = ""
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)  # the D1/D2 split (splits.dataset_split)
     # The whole resolved run config as a plain dict (e.g. the `llm` section for LLM-driven stages).
     run_config: dict[str, Any] = Field(default_factory=dict)
 
@@ -72,6 +74,8 @@ class Stage:
     name: ClassVar[str] = ""
     version: ClassVar[str] = "1"
     Config: ClassVar[type[StageConfig]] = StageConfig
+    reads: ClassVar[frozenset[str]] = frozenset()  # column groups (schema.COLUMN_GROUPS) the stage needs
+    writes: ClassVar[frozenset[str]] = frozenset()  # column groups the stage fills
 
     def __init__(self, config: StageConfig, context: StageContext | None = None):
         self.config = config

@@ -33,6 +33,7 @@ from pydantic import Field, field_validator
 from gmner_pipeline.answer import Triple, format_answer, format_turn, gold_triples, parse_answer, same_triples
 from gmner_pipeline.prompts import load_yaml, prompt_hash
 from gmner_pipeline.schema import GROUNDING_ABSENT, GROUNDING_PRESENT
+from gmner_pipeline.splits import DatasetConfig, dataset_split
 from gmner_pipeline.stage import Record, Stage, StageConfig, Timer, active
 
 STYLE = "template"
@@ -295,15 +296,17 @@ class TemplateCoTConfig(StageConfig):
         return {**super().key_payload(), "template_hash": self.template_hash()}
 
 
-def template_cot(record: Record, config: TemplateCoTConfig, run_seed: int) -> Record:
-    """Add template chains to one active record (pure apart from reading the cached template files)."""
+def template_cot(record: Record, config: TemplateCoTConfig, run_seed: int,
+                 dataset: DatasetConfig | None = None) -> Record:
+    """Add template chains to one active record (pure apart from reading the cached template files). ``cot.split``
+    (D1/D2, None for dev and test records) comes from the one owner of the split, ``splits.dataset_split``."""
     cot = dict(record.get("cot") or {})
     kept = [c for c in cot.get("chains") or [] if c.get("style") != STYLE]  # other styles' chains stay
+    cot["split"] = dataset_split(record, dataset or DatasetConfig(), run_seed)
     grounding = record.get("grounding_labels")
     if grounding != GROUNDING_PRESENT:  # visibility unknown: a chain would have to invent it
         cot.update(chains=kept, skipped=SKIP_GROUNDING_ABSENT if grounding == GROUNDING_ABSENT
                    else SKIP_GROUNDING_UNKNOWN)
-        cot.setdefault("split", None)
         record["cot"] = cot
         return record
     common = load_yaml(COMMON_TEMPLATE)
@@ -317,7 +320,6 @@ def template_cot(record: Record, config: TemplateCoTConfig, run_seed: int) -> Re
                                    common=common, route_phrases=phrases)
             chains.append(chain)
     cot.update(chains=kept + chains, skipped=None)
-    cot.setdefault("split", None)
     record["cot"] = cot
     return record
 
@@ -326,8 +328,9 @@ class TemplateCoTStage(Stage):
     """Deterministic template chains from gold labels; needs no model, no GPU and no network."""
 
     name = "template_cot"
-    version = "1"
+    version = "2"  # 2: cot.split holds the record's D1/D2 assignment
     Config = TemplateCoTConfig
+    writes = frozenset({"cot"})
 
     def __init__(self, config: StageConfig, context=None):
         super().__init__(config, context)
@@ -338,7 +341,7 @@ class TemplateCoTStage(Stage):
             if not active(record):
                 continue  # dropped / failed upstream: pass through untouched
             with Timer() as t:
-                template_cot(record, self.config, self.context.seed)
+                template_cot(record, self.config, self.context.seed, self.context.dataset)
             record["lineage"] = list(record.get("lineage") or []) + [
                 self.lineage_entry(prompt_hash=self._prompt_hash, seconds=t.seconds)]
         return records
