@@ -16,21 +16,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from .configbase import ConfigError, Strict as _Strict
 from .llm.config import LLMConfig
 from .splits import DatasetConfig
 from .stage import StageConfig
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"  # source checkout; installed: gmner_pipeline/configs
-
-
-class ConfigError(ValueError):
-    """The config cannot be used; the message says where and what to do."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+__all__ = ["ConfigError", "RunConfig", "load_config", "parse_override", "bundled_config_path"]
 
 
 # --- sources ---------------------------------------------------------------------------------------------------------

@@ -96,19 +96,20 @@ def source_fingerprint(source: Any) -> str:
 
 
 def llm_key_payload(config: RunConfig, roles: set[str]) -> dict[str, Any] | None:
-    """What of the ``llm`` section decides an LLM-driven stage's answers: per role the model identity (with its
-    revision) and the sampling, plus how images are sent. Endpoint URLs, concurrency, retries and the cache location
-    are left out: moving to other replicas of the same model reuses the outputs, a new teacher recomputes them."""
+    """What of the ``llm`` section decides an LLM-driven stage's answers: per role the model identity
+    (``llm.identity.role_identity``: the same string the lineage and the request cache use) and the sampling, plus how
+    images are sent. Endpoint URLs, concurrency, retries and the cache location are left out: moving to other
+    replicas of the same model reuses the outputs, a new teacher (or another GGUF, another adapter) recomputes them."""
     if not roles:
         return None
     from gmner_pipeline.llm.config import LLMConfig
+    from gmner_pipeline.llm.identity import role_identity
 
     llm = LLMConfig.coerce(config.llm)
     payload: dict[str, Any] = {"images": llm.images.model_dump(mode="json"), "roles": {}}
     for role in sorted(roles):
         rc = llm.role(role)
-        model = rc.identity() if rc.endpoints or rc.model_id else f"embedded:{llm.embedded.model_name}"
-        payload["roles"][role] = {"model": model, "sampling": rc.sampling.model_dump(mode="json"),
+        payload["roles"][role] = {"model": role_identity(rc, llm), "sampling": rc.sampling.model_dump(mode="json"),
                                   "n_mode": rc.n_mode}
     return payload
 

@@ -18,7 +18,9 @@ from typing import Any
 _EXPORTS = {
     "Accounting": "accounting", "lineage_usage": "accounting",
     "LLMClient": "client",
-    "EndpointConfig": "config", "LLMConfig": "config", "RoleConfig": "config", "SamplingConfig": "config",
+    "EndpointConfig": "config", "LLMConfig": "config", "LLMConfigError": "config", "LocalPolicyConfig": "config",
+    "RoleConfig": "config", "SamplingConfig": "config",
+    "role_identity": "identity",
     "image_part": "images", "user_message": "images",
     "Choice": "request", "LLMRequest": "request", "LLMResult": "request",
     "llm_services": "services",

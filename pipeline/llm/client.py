@@ -36,6 +36,7 @@ from . import request as kinds
 from .accounting import Accounting
 from .cache import RequestCache, open_cache, request_key
 from .config import CircuitConfig, EndpointConfig, LLMConfig, RoleConfig
+from .identity import role_identity
 from .request import Choice, LLMRequest, LLMResult
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ class LLMClient:
                              f"run inside gmner_pipeline.llm.services.llm_services() which starts the embedded server")
         self.role = role
         self.role_name = role_name
-        self.identity = role.identity()
+        self.identity = role_identity(role)  # the one identity: cache key, lineage, stage key
         self.cache = cache
         self.accounting = accounting or Accounting()
         timeout = httpx2.Timeout(role.timeout_s, connect=role.connect_timeout_s)

@@ -20,11 +20,13 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from ..configbase import ConfigError, Strict as _Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class LLMConfigError(ConfigError):
+    """The LLM section cannot serve the run; the message says what to configure."""
 
 
 class EndpointConfig(_Strict):
@@ -90,9 +92,22 @@ class CircuitConfig(_Strict):
     max_cooldown_s: float = Field(120.0, ge=0)
 
 
+class LocalPolicyConfig(_Strict):
+    """A model a stage loads in its own worker process instead of calling a server (grpo_filter samples the SFT
+    policy this way). Its identity is the base model plus the adapter's content hash (``identity.role_identity``)."""
+
+    base_model: str = Field(..., description="the base model: a hub name or a local folder")
+    adapter: str | None = Field(None, description="a PEFT adapter folder applied on top (what train/ writes)")
+    revision: str | None = Field(
+        None, description="the base model's revision; default: the content hash of base_model when it is a local "
+        "folder, else none (set it when the weights behind a hub name can change)")
+
+
 class RoleConfig(_Strict):
     endpoints: list[EndpointConfig] = Field(
-        default_factory=list, description="replicas of one model; empty = start the embedded local server")
+        default_factory=list, description="replicas of one model; empty (and no local) = the embedded local server")
+    local: LocalPolicyConfig | None = Field(
+        None, description="a model the stage runs in-process (no endpoints); see LocalPolicyConfig")
     model_id: str | None = Field(
         None, description="model identity for the cache key (default: the endpoints' model name)")
     revision: str | None = Field(None, description="model revision (e.g. a hub commit); part of the cache key")
@@ -111,12 +126,9 @@ class RoleConfig(_Strict):
         if len(names) > 1 and not self.model_id:
             raise ValueError(f"the endpoints of a role must serve one model, got {sorted(names)}; set model_id to the "
                              f"shared identity if the servers merely name it differently")
+        if self.local is not None and self.endpoints:
+            raise ValueError("a role is either served (endpoints) or run in-process (local), not both")
         return self
-
-    def identity(self) -> str:
-        """Model id (and revision) recorded in the cache key and lineage."""
-        base = self.model_id or (self.endpoints[0].model if self.endpoints else "embedded")
-        return f"{base}@{self.revision}" if self.revision else base
 
 
 class CacheConfig(_Strict):

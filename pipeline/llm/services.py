@@ -20,18 +20,37 @@ import urllib.request
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from .config import EndpointConfig, LLMConfig
+from .config import EndpointConfig, LLMConfig, LLMConfigError
 from .embedded import EmbeddedServer
+from .identity import resolved_local, role_identity, role_kind
 
 log = logging.getLogger(__name__)
 
-
-class LLMConfigError(ValueError):
-    """The LLM section cannot serve the run; the message says what to configure."""
+__all__ = ["LLMConfigError", "check_endpoints", "endpoint_problem", "llm_services", "resolve_roles"]
 
 
 def roles_without_endpoints(config: LLMConfig, roles: set[str]) -> list[str]:
-    return sorted(r for r in roles if not config.role(r).endpoints)
+    """The roles the embedded server must serve (local policies need no server)."""
+    return sorted(r for r in roles if role_kind(config.role(r)) == "embedded")
+
+
+def resolve_roles(config: LLMConfig, roles: set[str], embedded: EndpointConfig | None = None) -> LLMConfig:
+    """The config a run's workers get: every role in ``roles`` explicit, the embedded ones pointed at ``embedded``
+    with their identity as ``model_id``, local policies with their base revision filled in. Each role's
+    ``role_identity`` is unchanged by this (and cheap to recompute in a worker)."""
+    resolved = dict(config.roles)
+    for name in sorted(roles):
+        role = config.role(name)
+        kind = role_kind(role)
+        if kind == "embedded":
+            if embedded is None:
+                raise LLMConfigError(f"LLM role {name!r} needs the embedded server, which is not running")
+            role = role.model_copy(update={"endpoints": [embedded], "model_id": role_identity(role, config),
+                                           "revision": None})
+        elif kind == "local":
+            role = role.model_copy(update={"local": resolved_local(role.local)})  # type: ignore[arg-type]
+        resolved[name] = role
+    return config.model_copy(update={"roles": resolved})
 
 
 def endpoint_problem(endpoint: EndpointConfig, timeout: float = 5.0) -> str | None:
@@ -78,7 +97,7 @@ def llm_services(llm_config: LLMConfig | dict[str, Any] | None, roles: set[str],
         check_endpoints(config, {r for r in roles if config.role(r).endpoints})
     missing = roles_without_endpoints(config, roles)
     if not missing:
-        yield config
+        yield resolve_roles(config, roles)
         return
     if not config.embedded.enabled:
         raise LLMConfigError(
@@ -88,14 +107,6 @@ def llm_services(llm_config: LLMConfig | dict[str, Any] | None, roles: set[str],
     log.info("LLM roles %s have no endpoints: starting the embedded server (%s)", missing, config.embedded.model_name)
     server.start()
     try:
-        roles_cfg = dict(config.roles)
-        for name in missing:
-            role = config.role(name)
-            roles_cfg[name] = role.model_copy(update={
-                "endpoints": [server.endpoint()],
-                "model_id": role.model_id or config.embedded.model_name,
-                "revision": role.revision or server.revision,
-            })
-        yield config.model_copy(update={"roles": roles_cfg})
+        yield resolve_roles(config, roles, server.endpoint())
     finally:
         server.stop()

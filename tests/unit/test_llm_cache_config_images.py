@@ -14,6 +14,7 @@ from gmner_pipeline.llm.cache import FileCache, SqliteCache, open_cache, request
 from gmner_pipeline.llm.config import CacheConfig, EndpointConfig, ImageConfig, LLMConfig, RoleConfig
 from gmner_pipeline.llm.images import encode_image, image_part, resize_to_fit, user_message
 from gmner_pipeline.llm.request import Choice, LLMResult
+from gmner_pipeline.llm.identity import role_identity
 from gmner_pipeline.llm.services import LLMConfigError, llm_services
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -102,7 +103,7 @@ def test_config_rejects_unknown_keys_and_mixed_models():
     with pytest.raises(ValidationError, match="http"):
         EndpointConfig(base_url="localhost:8000", model="x")
     role = RoleConfig(endpoints=[EndpointConfig(base_url="http://a/v1/", model="x")], revision="abc")
-    assert role.identity() == "x@abc" and role.endpoints[0].base_url == "http://a/v1"
+    assert role_identity(role) == "x@abc" and role.endpoints[0].base_url == "http://a/v1"
     assert LLMConfig().role("anything").endpoints == []
 
 
