@@ -6,15 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 from .runner import RunResult, stage_totals
-from .schema import table_to_records
-from .shards import SHARD_GLOB, read_json
+from .shards import iter_committed_tables, read_json
 
 
 class OutputNotFound(FileNotFoundError):
@@ -72,11 +70,10 @@ def find_record(output_dir: str | Path, record_id: str, stage: str | None = None
     if not entries:
         raise KeyError(f"stage {stage!r} is not in the last run; stages: {[e['stage'] for e in chain]}")
     for entry in entries:
-        for path in sorted(Path(entry["dir"]).glob(SHARD_GLOB)):
-            table = pq.read_table(path)
+        for path, table in iter_committed_tables(entry["dir"]):
             hit = table.filter(pc.equal(table.column("id"), record_id))
             if hit.num_rows:
-                rec = table_to_records(hit)[0]
+                rec = hit.to_pylist()[0]
                 rec["_stage"] = entry["stage"]
                 rec["_shard"] = str(path)
                 return rec

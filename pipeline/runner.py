@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterator
 from .config import RunConfig, stable_hash
 from .ingest_step import run_ingest
 from .plan import RunPlan, StagePlan, plan_run
-from .shards import MANIFEST, committed_indices, marker_path, read_markers, remove_stale_temporaries, \
-    shard_path, write_json_atomic
+from .shards import MANIFEST, committed_indices, read_markers, remove_stale_temporaries, shard_path, void_shard, \
+    write_json_atomic
 from .stage import StageContext
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def execute(plan: RunPlan, config: RunConfig, run_id: str, num_shards: int,
                 # would pair a new upstream shard with results computed from the old one.
                 for j in range(k + 1, len(stages)):
                     if shard in committed[j]:
-                        marker_path(stages[j].dir, shard).unlink(missing_ok=True)
+                        void_shard(stages[j].dir, shard)
                         committed[j].discard(shard)
                 break
     for s, done in zip(stages, committed):
