@@ -150,7 +150,7 @@ def test_services_pass_configured_roles_through_and_explain_missing_ones():
 
 def test_preflight_fails_a_role_with_no_working_endpoint_and_tolerates_one_dead_replica(caplog):
     from gmner_pipeline.llm.process import free_port
-    from gmner_pipeline.llm.testing import FakeOpenAI
+    from gmner_pipeline.testing import FakeOpenAI
 
     dead = {"base_url": f"http://127.0.0.1:{free_port()}/v1", "model": "fake-model"}
     with FakeOpenAI() as srv:

@@ -11,7 +11,7 @@ from gmner_pipeline.llm.config import EndpointConfig, LLMConfig, LocalPolicyConf
 from gmner_pipeline.llm.identity import role_identity, role_kind
 from gmner_pipeline.llm.request import LLMRequest
 from gmner_pipeline.llm.services import llm_services, resolve_roles
-from gmner_pipeline.llm.testing import FakeOpenAI
+from gmner_pipeline.testing import FakeOpenAI
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-from .config import EndpointConfig
+from ..llm.config import EndpointConfig
 
 
 @dataclass
