@@ -8,8 +8,6 @@ so every key anywhere in the file is checked before anything runs.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -46,6 +44,10 @@ class TwitterGmnerSource(_Strict):
             raise ValueError(f"a split appears twice: {splits}")
         return splits
 
+    def provides(self) -> frozenset[str]:
+        """Column groups (schema.COLUMN_GROUPS) the source fills: images only with an ``image_dir``."""
+        return frozenset({"image"}) if self.image_dir else frozenset()
+
 
 class SampleSource(_Strict):
     """The small sample that ships inside the package (photos materialised from scikit-image / matplotlib)."""
@@ -53,6 +55,9 @@ class SampleSource(_Strict):
     kind: Literal["sample"] = "sample"
     name: str = "gmner-sample"
     limit: int | None = Field(None, ge=1)
+
+    def provides(self) -> frozenset[str]:
+        return frozenset({"image"})
 
 
 class ConllSource(_Strict):
@@ -69,6 +74,9 @@ class ConllSource(_Strict):
     )
     strict_labels: bool = Field(False, description="error on a label that label_map does not cover")
     limit: int | None = Field(None, ge=1)
+
+    def provides(self) -> frozenset[str]:
+        return frozenset()  # text only: retrieve pairs sentences with images
 
 
 Source = Annotated[Union[TwitterGmnerSource, SampleSource, ConllSource], Field(discriminator="kind")]
@@ -242,9 +250,3 @@ def _explain(exc: ValidationError, path: Path | None) -> str:
         else:
             lines.append(f"  {loc or '(root)'}: {err['msg']}")
     return "\n".join(lines)
-
-
-def stable_hash(payload: Any, length: int = 16) -> str:
-    """sha256 of a JSON-serialisable payload, canonicalised (sorted keys), first ``length`` hex digits."""
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:length]

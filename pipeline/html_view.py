@@ -13,7 +13,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from .report import load_latest
-from .runner import stage_totals
+from .summary import stage_totals
 from .shards import iter_committed_records
 
 THUMB = 480

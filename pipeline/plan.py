@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, _did_you_mean, stable_hash
+from .config import ConfigError, RunConfig, _did_you_mean
+from .hashing import stable_hash
 from .schema import SCHEMA_MAJOR
 from .stage import Stage, StageConfig
 
@@ -114,6 +115,34 @@ def llm_key_payload(config: RunConfig, roles: set[str]) -> dict[str, Any] | None
     return payload
 
 
+def check_order(config: RunConfig, stages: list[tuple[str, type[Stage], StageConfig]]) -> None:
+    """Refuse, before anything runs, a pipeline in which a stage reads a column group that neither the source nor an
+    earlier stage provides (annotate on a source without images, distill before knowledge)."""
+    available = set(config.source.provides())
+    for name, cls, cfg in stages:
+        missing = sorted(cls.reads_for(cfg) - available)
+        if missing:
+            source = config.source.kind
+            if "image" in missing and source == "twitter_gmner":
+                source += " without source.image_dir"
+            raise ConfigError(f"stage {name!r} reads {', '.join(missing)}, which neither the source ({source}) nor a "
+                              f"stage before it in the pipeline provides{_writers_hint(missing)}")
+        available |= cls.writes
+
+
+def _writers_hint(groups: list[str]) -> str:
+    from gmner_pipeline.stages import STAGES, load_stage
+
+    writers = []
+    for name in STAGES:
+        try:
+            if load_stage(name).writes & set(groups):
+                writers.append(name)
+        except ImportError:
+            continue
+    return f": put {' or '.join(repr(w) for w in writers)} before it" if writers else ""
+
+
 def plan_run(config: RunConfig, stages: list[str] | None = None) -> RunPlan:
     """Plan the stages ``stages`` (default: ``config.pipeline``) over the configured source."""
     from gmner_pipeline.stages import load_stage
@@ -129,8 +158,9 @@ def plan_run(config: RunConfig, stages: list[str] | None = None) -> RunPlan:
     names = stages if stages is not None else config.pipeline
     plans: list[StagePlan] = []
     upstream = ingest_key
-    for name in names:
-        cls = load_stage(name)
+    classes = [(name, load_stage(name)) for name in names]
+    check_order(config, [(name, cls, config.stages.get(name) or cls.Config()) for name, cls in classes])
+    for name, cls in classes:
         cfg = config.stages.get(name) or cls.Config()
         payload = {"stage": name, "version": cls.version, "schema_major": SCHEMA_MAJOR, "config": cfg.key_payload(),
                    "upstream": upstream, "seed": config.run.seed, "llm": llm_key_payload(config, cls.llm_roles(cfg))}

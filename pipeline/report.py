@@ -11,7 +11,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .runner import RunResult, stage_totals
+from .summary import RunResult, stage_totals
 from .shards import iter_committed_tables, read_json
 
 

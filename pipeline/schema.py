@@ -158,6 +158,18 @@ RECORD_FIELDS: list[pa.Field] = [
 RECORD_SCHEMA = pa.schema(RECORD_FIELDS, metadata={b"gmner_pipeline.schema_version": SCHEMA_VERSION.encode()})
 FIELD_NAMES = tuple(f.name for f in RECORD_FIELDS)
 
+# Column groups: what stages declare they read and write (Stage.reads / Stage.writes), so that the plan can refuse an
+# order that cannot work before anything runs. The sample's own fields (id, text, tokens, entities, ...) are always
+# there; "image" is there when the source has images (a source's ``provides()``) or a stage wrote it (retrieve).
+COLUMN_GROUPS: dict[str, tuple[str, ...]] = {
+    "image": ("image",),
+    "retrieval": ("retrieval",),
+    "detections": ("detections",),
+    "knowledge": ("knowledge",),
+    "cot": ("cot",),
+    "grpo": ("grpo",),
+}
+
 STATUS_OK, STATUS_DROPPED, STATUS_ERROR = "ok", "dropped", "error"
 GROUNDING_PRESENT, GROUNDING_ABSENT = "present", "absent"
 

@@ -34,7 +34,7 @@ from gmner_pipeline.answer import Triple, format_answer, format_turn, gold_tripl
 from gmner_pipeline.prompts import load_yaml, prompt_hash
 from gmner_pipeline.schema import GROUNDING_ABSENT, GROUNDING_PRESENT
 from gmner_pipeline.splits import DatasetConfig, dataset_split
-from gmner_pipeline.stage import Record, Stage, StageConfig, Timer, active
+from gmner_pipeline.stage import Record, Stage, StageConfig
 
 STYLE = "template"
 ROUTES = ("entity_first", "constraint_first")
@@ -330,18 +330,15 @@ class TemplateCoTStage(Stage):
     name = "template_cot"
     version = "2"  # 2: cot.split holds the record's D1/D2 assignment
     Config = TemplateCoTConfig
+    reads = frozenset()  # the sample's gold entities only
     writes = frozenset({"cot"})
 
-    def __init__(self, config: StageConfig, context=None):
-        super().__init__(config, context)
-        self._prompt_hash = self.config.template_hash()
+    config: TemplateCoTConfig
 
-    def __call__(self, records: list[Record]) -> list[Record]:
+    def setup(self) -> None:
+        self.prompt_hash = self.config.template_hash()  # recorded in every record's lineage
+
+    def process(self, records: list[Record]) -> list[Record]:
         for record in records:
-            if not active(record):
-                continue  # dropped / failed upstream: pass through untouched
-            with Timer() as t:
-                template_cot(record, self.config, self.context.seed, self.context.dataset)
-            record["lineage"] = list(record.get("lineage") or []) + [
-                self.lineage_entry(prompt_hash=self._prompt_hash, seconds=t.seconds)]
+            template_cot(record, self.config, self.context.seed, self.context.dataset)
         return records

@@ -2,8 +2,8 @@
 
     roles = set().union(*(stage_cls.llm_roles(cfg) for ...))
     with llm_services(run_config.llm, roles) as llm:        # starts the embedded server if some role needs it
-        context.run_config["llm"] = llm.model_dump(mode="json")
-        ...                                                  # workers: LLMClient.from_config(run_config["llm"], role)
+        llm = divide_concurrency(llm, [(roles_of_stage, pool_size), ...])
+        ...                                                  # each stage's StageContext.llm; workers: Stage.llm
 
 Roles with endpoints are used as configured, after a preflight check (``check_endpoints``): a role fails before the run
 when none of its endpoints answers ``GET /models`` listing its model (one dead replica is only a warning). Every needed
@@ -17,8 +17,9 @@ import json
 import logging
 import urllib.error
 import urllib.request
+from collections import Counter
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .config import EndpointConfig, LLMConfig, LLMConfigError
 from .embedded import EmbeddedServer
@@ -26,7 +27,8 @@ from .identity import resolved_local, role_identity, role_kind
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LLMConfigError", "check_endpoints", "endpoint_problem", "llm_services", "resolve_roles"]
+__all__ = ["LLMConfigError", "check_endpoints", "divide_concurrency", "endpoint_problem", "llm_services",
+           "resolve_roles"]
 
 
 def roles_without_endpoints(config: LLMConfig, roles: set[str]) -> list[str]:
@@ -51,6 +53,31 @@ def resolve_roles(config: LLMConfig, roles: set[str], embedded: EndpointConfig |
             role = role.model_copy(update={"local": resolved_local(role.local)})  # type: ignore[arg-type]
         resolved[name] = role
     return config.model_copy(update={"roles": resolved})
+
+
+def divide_concurrency(config: LLMConfig, pools: Iterable[tuple[set[str], int]]) -> LLMConfig:
+    """The config one actor gets: ``max_concurrency`` bounds the requests in flight to an endpoint (a base URL)
+    across the whole run, so each actor that may call it gets ``max_concurrency // actors`` (at least 1: with more
+    actors than that, the bound is the number of actors). ``pools``: per stage, its LLM roles and its pool size; every
+    pool counts, since stages run at the same time. Inside an actor, the roles calling one server share the limit
+    (``context.LLMContext``)."""
+    actors: Counter[str] = Counter()
+    for roles, pool_size in pools:
+        for url in {e.base_url for r in roles for e in config.role(r).endpoints}:
+            actors[url] += pool_size
+    limit: dict[str, int] = {}
+    for role in config.roles.values():
+        for e in role.endpoints:
+            limit[e.base_url] = min(limit.get(e.base_url, e.max_concurrency), e.max_concurrency)
+
+    def share(e: EndpointConfig) -> EndpointConfig:
+        if not actors[e.base_url]:
+            return e
+        return e.model_copy(update={"max_concurrency": max(1, limit[e.base_url] // actors[e.base_url])})
+
+    roles = {name: role.model_copy(update={"endpoints": [share(e) for e in role.endpoints]})
+             for name, role in config.roles.items()}
+    return config.model_copy(update={"roles": roles})
 
 
 def endpoint_problem(endpoint: EndpointConfig, timeout: float = 5.0) -> str | None:

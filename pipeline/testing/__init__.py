@@ -8,5 +8,6 @@
 """
 
 from .fake_openai import Fault, FakeOpenAI
+from .harness import run_stage
 
-__all__ = ["Fault", "FakeOpenAI"]
+__all__ = ["Fault", "FakeOpenAI", "run_stage"]

@@ -17,6 +17,7 @@ from gmner_pipeline.schema import (
     GROUNDING_ABSENT, STATUS_DROPPED, STATUS_ERROR, empty_record, records_to_table, table_to_records,
 )
 from gmner_pipeline.splits import D1, D2, DatasetConfig, dataset_split
+from gmner_pipeline import testing as harness
 from gmner_pipeline.stage import StageContext
 from gmner_pipeline.stages import load_stage
 from gmner_pipeline.stages.template_cot import (
@@ -44,8 +45,8 @@ def tweet(key: str = "1", entities=None, tokens=None, **fields):
 
 
 def run_stage(records, seed=0, **config):
-    stage = TemplateCoTStage(TemplateCoTConfig(**config), StageContext(seed=seed))
-    return stage(records)
+    return harness.run_stage(TemplateCoTStage, records, TemplateCoTConfig(**config), context={"seed": seed},
+                             schema_check=False)
 
 
 def test_registered_and_default_config():
