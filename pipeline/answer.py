@@ -92,6 +92,7 @@ _LOC_KEYS = ("location", "loc", "box", "boxes", "bbox", "bbox_2d", "bboxes", "re
 # --- writing ---------------------------------------------------------------------------------------------------------
 
 def format_box(box: Sequence[float]) -> str:
+    """``[x1,y1,x2,y2]`` in whole numbers: how every box is written in answers, chains and prompts (the one writer)."""
     return "[" + ",".join(str(int(round(v))) for v in box) + "]"
 
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from .configbase import ConfigError, Strict as _Strict
+from .configbase import ConfigError, Strict
 from .llm.config import LLMConfig
 from .splits import DatasetConfig
 from .stage import StageConfig
@@ -26,7 +26,7 @@ __all__ = ["ConfigError", "RunConfig", "load_config", "parse_override", "bundled
 
 # --- sources ---------------------------------------------------------------------------------------------------------
 
-class TwitterGmnerSource(_Strict):
+class TwitterGmnerSource(Strict):
     """Twitter-GMNER layout: ``<path>/txt/{split}.txt`` (CoNLL with IMGID lines) and ``<path>/xml/<id>.xml``."""
 
     kind: Literal["twitter_gmner"] = "twitter_gmner"
@@ -49,7 +49,7 @@ class TwitterGmnerSource(_Strict):
         return frozenset({"image"}) if self.image_dir else frozenset()
 
 
-class SampleSource(_Strict):
+class SampleSource(Strict):
     """The small sample that ships inside the package (photos materialised from scikit-image / matplotlib)."""
 
     kind: Literal["sample"] = "sample"
@@ -60,7 +60,7 @@ class SampleSource(_Strict):
         return frozenset({"image"})
 
 
-class ConllSource(_Strict):
+class ConllSource(Strict):
     """A text-only CoNLL BIO file (token<TAB or space>label per line), with a label mapping to the target types."""
 
     kind: Literal["conll"] = "conll"
@@ -84,7 +84,7 @@ Source = Annotated[Union[TwitterGmnerSource, SampleSource, ConllSource], Field(d
 
 # --- run -------------------------------------------------------------------------------------------------------------
 
-class RunSettings(_Strict):
+class RunSettings(Strict):
     output_dir: str = Field("gmner-output", description="where shards, markers, the resolved config and reports go")
     shard_size: int = Field(256, ge=1, description="records per shard: the unit of work and of recovery")
     seed: int = 0
@@ -96,7 +96,7 @@ class RunSettings(_Strict):
     actor_restarts: int = Field(3, ge=0, description="Ray restarts of a dead stage worker (each retries its shard)")
 
 
-class RunConfig(_Strict):
+class RunConfig(Strict):
     run: RunSettings = Field(default_factory=RunSettings)
     source: Source = Field(default_factory=SampleSource)
     pipeline: list[str] = Field(default_factory=lambda: ["template_cot"], description="stages to run, in order")

@@ -17,3 +17,10 @@ class Strict(BaseModel):
     """Base of every config model: an unknown key is an error (with its path), never silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class Frozen(Strict):
+    """A strict config that cannot change after validation (scoring rules, prompt and frame settings: their hash is
+    part of a key)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from .answer import format_box
 from .report import load_latest
 from .summary import stage_totals
 from .shards import iter_committed_records
@@ -65,7 +66,7 @@ def _record_html(rec: dict[str, Any]) -> str:
     left = f'<img src="{img}">' if img else "<p><i>no image on disk</i></p>"
     def location(ent: dict[str, Any]) -> str:
         if ent.get("boxes"):
-            return "<span class='gold'>" + e(" ".join(str([round(v) for v in b]) for b in ent["boxes"])) + "</span>"
+            return "<span class='gold'>" + e(" ".join(format_box(b) for b in ent["boxes"])) + "</span>"
         return "not visible" if rec.get("grounding_labels") == "present" else "<i>unknown</i>"
 
     rows = "".join(f"<tr><td>{e(x['text'])}</td><td>{e(x['type'])}</td><td>{e(x.get('fine_type') or '')}</td>"

@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .summary import RunResult, stage_totals
+from .answer import format_box
 from .shards import iter_committed_tables, read_json
 
 
@@ -80,10 +81,6 @@ def find_record(output_dir: str | Path, record_id: str, stage: str | None = None
     raise KeyError(f"no record with id {record_id!r} in {output_dir}; ids look like 'twitter-gmner-v2/train/71044'")
 
 
-def _box(box: Any) -> str:
-    return "[" + ",".join(f"{v:.0f}" for v in box) + "]"
-
-
 def record_view(rec: dict[str, Any]) -> Group:
     parts: list[Any] = []
     head = Text()
@@ -102,7 +99,7 @@ def record_view(rec: dict[str, Any]) -> Group:
                           f"grounding labels: {rec.get('grounding_labels')}"))
     ents = Table("entity", "type", "fine type", "tokens", "boxes", title="entities", title_justify="left")
     for e in rec.get("entities") or []:
-        boxes = " ".join(_box(b) for b in e.get("boxes") or []) or (
+        boxes = " ".join(format_box(b) for b in e.get("boxes") or []) or (
             "not visible" if rec.get("grounding_labels") == "present" else "unknown")
         ents.add_row(e["text"], e["type"], e.get("fine_type") or "", f"{e['start']}:{e['end']}", boxes)
     parts.append(ents)

@@ -30,7 +30,9 @@ from typing import Any, Literal, Sequence
 
 from pydantic import Field, field_validator
 
-from gmner_pipeline.answer import Triple, format_answer, format_turn, gold_triples, parse_answer, same_triples
+from gmner_pipeline.answer import (
+    Triple, format_answer, format_box, format_turn, gold_triples, parse_answer, same_triples,
+)
 from gmner_pipeline.prompts import load_yaml, prompt_hash
 from gmner_pipeline.schema import GROUNDING_ABSENT, GROUNDING_PRESENT
 from gmner_pipeline.splits import DatasetConfig, dataset_split
@@ -117,10 +119,6 @@ def mentions_of(record: Record, use_fine_types: bool = True) -> list[Mention]:
     return out
 
 
-def box_text(box: Sequence[float]) -> str:
-    return "[" + ",".join(str(int(round(v))) for v in box) + "]"
-
-
 # --- chain construction (pure) --------------------------------------------------------------------------------------
 
 class ChainWriter:
@@ -151,7 +149,7 @@ class ChainWriter:
         return types.get(type_, types["default"]).format(type=type_)
 
     def boxes(self, triple: Triple) -> str:
-        return self.common["box_join"].join(box_text(b) for b in triple.boxes or ())
+        return self.common["box_join"].join(format_box(b) for b in triple.boxes or ())
 
     def values(self, index: int, m: Mention) -> dict[str, Any]:
         return {"index": index, "entity": m.entity, "type": m.type, "type_desc": self.type_desc(m.type),

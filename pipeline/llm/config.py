@@ -22,14 +22,15 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..configbase import ConfigError, Strict as _Strict
+from ..configbase import ConfigError, Strict
+from ..paths import user_cache_dir
 
 
 class LLMConfigError(ConfigError):
     """The LLM section cannot serve the run; the message says what to configure."""
 
 
-class EndpointConfig(_Strict):
+class EndpointConfig(Strict):
     """One OpenAI-compatible server that serves the role's model."""
 
     base_url: str = Field(..., description="OpenAI-compatible API root, e.g. http://host:8000/v1")
@@ -60,7 +61,7 @@ class EndpointConfig(_Strict):
         return value
 
 
-class SamplingConfig(_Strict):
+class SamplingConfig(Strict):
     """Per-role sampling defaults; a request may override any of them."""
 
     temperature: float = Field(0.0, ge=0)
@@ -72,7 +73,7 @@ class SamplingConfig(_Strict):
     n: int = Field(1, ge=1)
 
 
-class RetryConfig(_Strict):
+class RetryConfig(Strict):
     """Retries on 429, 408, 5xx, timeouts, connection errors and unreadable bodies only (never on other 4xx)."""
 
     max_attempts: int = Field(6, ge=1, description="tries per request, the first included")
@@ -83,7 +84,7 @@ class RetryConfig(_Strict):
     honor_retry_after: bool = Field(True, description="wait at least the server's Retry-After on 429/503")
 
 
-class CircuitConfig(_Strict):
+class CircuitConfig(Strict):
     """An endpoint that fails ``failure_threshold`` times in a row leaves the rotation for ``cooldown_s`` (doubling
     while it keeps failing, up to ``max_cooldown_s``); then one probe request decides whether it comes back."""
 
@@ -92,7 +93,7 @@ class CircuitConfig(_Strict):
     max_cooldown_s: float = Field(120.0, ge=0)
 
 
-class LocalPolicyConfig(_Strict):
+class LocalPolicyConfig(Strict):
     """A model a stage loads in its own worker process instead of calling a server (grpo_filter samples the SFT
     policy this way). Its identity is the base model plus the adapter's content hash (``identity.role_identity``)."""
 
@@ -103,7 +104,7 @@ class LocalPolicyConfig(_Strict):
         "folder, else none (set it when the weights behind a hub name can change)")
 
 
-class RoleConfig(_Strict):
+class RoleConfig(Strict):
     endpoints: list[EndpointConfig] = Field(
         default_factory=list, description="replicas of one model; empty (and no local) = the embedded local server")
     local: LocalPolicyConfig | None = Field(
@@ -131,7 +132,7 @@ class RoleConfig(_Strict):
         return self
 
 
-class CacheConfig(_Strict):
+class CacheConfig(Strict):
     enabled: bool = True
     backend: Literal["sqlite", "files"] = Field(
         "sqlite", description="sqlite (WAL): one machine, many processes. files: one file per answer, atomic "
@@ -145,17 +146,16 @@ class CacheConfig(_Strict):
         env = os.environ.get("GMNER_LLM_CACHE")
         if env:
             return Path(env).expanduser()
-        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gmner-pipeline"
-        return base / ("llm-cache.sqlite" if self.backend == "sqlite" else "llm-cache")
+        return user_cache_dir("llm-cache.sqlite" if self.backend == "sqlite" else "llm-cache")
 
 
-class ImageConfig(_Strict):
+class ImageConfig(Strict):
     max_side: int = Field(1024, ge=16, description="longest image side sent to the model, in pixels")
     format: Literal["JPEG", "PNG", "WEBP"] = "JPEG"
     quality: int = Field(90, ge=1, le=100)
 
 
-class EmbeddedConfig(_Strict):
+class EmbeddedConfig(Strict):
     """The local server started for roles that have no endpoints."""
 
     enabled: bool = Field(True, description="false: a role without endpoints is a config error")
@@ -169,7 +169,7 @@ class EmbeddedConfig(_Strict):
     chat_format: str | None = Field(None, description="llama.cpp chat format; default: the template in the GGUF")
 
 
-class LLMConfig(_Strict):
+class LLMConfig(Strict):
     roles: dict[str, RoleConfig] = Field(default_factory=dict, description="one entry per model role")
     cache: CacheConfig = Field(default_factory=CacheConfig)
     images: ImageConfig = Field(default_factory=ImageConfig)

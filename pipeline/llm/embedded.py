@@ -24,6 +24,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from ..paths import user_cache_dir
 from .config import EmbeddedConfig, EndpointConfig
 from .process import ServerProcess, free_port
 
@@ -38,8 +39,7 @@ class EmbeddedServerError(RuntimeError):
 
 
 def model_cache_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gmner-pipeline" / "models"
-    return Path(os.environ.get("GMNER_MODEL_CACHE", base))
+    return Path(os.environ.get("GMNER_MODEL_CACHE") or user_cache_dir("models"))
 
 
 def _installed_smollm2() -> Path | None:

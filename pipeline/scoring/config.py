@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from ..configbase import Frozen
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class EvalConfig(_Strict):
+class EvalConfig(Frozen):
     """How predicted triples are matched to gold triples."""
 
     iou_threshold: float = Field(0.5, ge=0.0, le=1.0, description="a box is correct at IoU >= this with any gold box")
@@ -29,7 +27,7 @@ class EvalConfig(_Strict):
     grounding_thresholds: tuple[float, ...] = Field((0.5, 0.75), description="Acc@t reported for these IoU values")
 
 
-class RewardConfig(_Strict):
+class RewardConfig(Frozen):
     """MCR's verifiable rewards (App. D). The lambdas and sigma are not given in the paper (project decision)."""
 
     weights: dict[Literal["count", "span", "type", "grounding", "entailment"], float] = Field(
@@ -64,7 +62,7 @@ class RewardConfig(_Strict):
         return self
 
 
-class GrpoFilterConfig(_Strict):
+class GrpoFilterConfig(Frozen):
     """MCR App. D.3: keep an item iff std >= min_std, max >= min_max and median_low <= median <= median_high."""
 
     min_std: float = 0.1

@@ -4,13 +4,13 @@ it reaches alpha. Records that already carry an image pass through unchanged."""
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gmner_pipeline.paths import user_cache_dir
 from gmner_pipeline.prompts import prompt_hash
 from gmner_pipeline.schema import GROUNDING_ABSENT
 from gmner_pipeline.stage import Record, Stage, StageSetupError, mark_dropped, mark_error
@@ -30,7 +30,7 @@ def default_store_dir(cfg: RetrieveConfig, output_dir: str) -> Path:
         return Path(cfg.download.store_dir).expanduser()
     if output_dir:
         return Path(output_dir) / "images"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gmner-pipeline" / "images"
+    return user_cache_dir("images")
 
 
 class RetrieveStage(Stage):

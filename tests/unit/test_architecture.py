@@ -98,3 +98,23 @@ def test_stage_modules_never_import_ray():
             if any(n == "ray" or n.startswith("ray.") for n in names):
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not offenders, f"stage modules import Ray (the runner wraps stages into actors): {offenders}"
+
+
+def test_one_home_for_what_modules_share():
+    # the strict config base (configbase), the user cache folder (paths), the box writer (answer.format_box)
+    homes = {"ConfigDict(extra=": "pipeline/configbase.py", "XDG_CACHE_HOME": "pipeline/paths.py",
+             'str(int(round(v))) for v in': "pipeline/answer.py", "def stable_hash": "pipeline/hashing.py"}
+    for needle, home in homes.items():
+        found = sorted(str(p.relative_to(REPO)) for folder in ("pipeline", "stages", "train")
+                       for p in python_files(folder) if needle in p.read_text(encoding="utf-8"))
+        assert found == [home], (needle, found)
+
+
+def test_the_user_cache_folder_follows_xdg(monkeypatch, tmp_path):
+    from gmner_pipeline.llm.config import CacheConfig
+    from gmner_pipeline.paths import user_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("GMNER_LLM_CACHE", raising=False)
+    assert user_cache_dir("models") == tmp_path / "gmner-pipeline" / "models"
+    assert CacheConfig().resolved_path() == tmp_path / "gmner-pipeline" / "llm-cache.sqlite"
