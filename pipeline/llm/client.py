@@ -258,7 +258,7 @@ class LLMClient:
         return list(await asyncio.gather(*(self.acomplete(r) for r in requests)))
 
     def complete_many(self, requests: Iterable[LLMRequest]) -> list[LLMResult]:
-        """Sync facade for plain code (a stage's ``__call__``): runs the batch concurrently, blocks until done."""
+        """Sync facade for plain code (a stage's ``process``): runs the batch concurrently, blocks until done."""
         return self._sync().run(self.acomplete_many(list(requests)))
 
     def complete(self, req: LLMRequest) -> LLMResult:

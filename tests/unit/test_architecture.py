@@ -118,3 +118,28 @@ def test_the_user_cache_folder_follows_xdg(monkeypatch, tmp_path):
     monkeypatch.delenv("GMNER_LLM_CACHE", raising=False)
     assert user_cache_dir("models") == tmp_path / "gmner-pipeline" / "models"
     assert CacheConfig().resolved_path() == tmp_path / "gmner-pipeline" / "llm-cache.sqlite"
+
+
+def declared(cls: type, attr: str) -> bool:
+    from gmner_pipeline.stage import Stage
+
+    return any(attr in klass.__dict__ for klass in cls.__mro__ if klass is not Stage and issubclass(klass, Stage))
+
+
+def test_every_registered_stage_meets_the_contract():
+    from gmner_pipeline.schema import COLUMN_GROUPS
+    from gmner_pipeline.stage import Stage, StageConfig
+    from gmner_pipeline.stages import STAGES, load_stage
+
+    for key in STAGES:
+        cls = load_stage(key)
+        assert cls.name == key, f"{cls.__name__}.name is {cls.name!r}, registered as {key!r}"
+        assert issubclass(cls.Config, StageConfig), key
+        for attr in ("reads", "writes"):
+            assert declared(cls, attr), f"{key} does not declare {attr}"
+            value = getattr(cls, attr)
+            assert isinstance(value, frozenset) and value <= set(COLUMN_GROUPS), (key, attr, value)
+        own = {name for name in ("process", "aprocess") if getattr(cls, name) is not getattr(Stage, name)}
+        assert len(own) == 1, f"{key} must define exactly one of process / aprocess, defines {sorted(own)}"
+        for framework in ("__init__", "__call__"):
+            assert getattr(cls, framework) is getattr(Stage, framework), f"{key} overrides {framework}"

@@ -225,3 +225,30 @@ def test_the_plan_refuses_an_order_that_cannot_provide_what_a_stage_reads(tmp_pa
     assert [s.name for s in plan("pipeline=[annotate, template_cot]").stages] == ["annotate", "template_cot"]
     assert plan("source={kind: conll, path: x.conll}", "pipeline=[retrieve, annotate]").stages
     assert plan("source={kind: twitter_gmner, path: x, image_dir: y}", "pipeline=[annotate]").stages
+
+
+def test_the_example_in_writing_a_stage_runs(tmp_path):
+    # docs/writing-a-stage.md shows stage authors a complete stage: it must keep working as written
+    import re
+    from pathlib import Path
+
+    from gmner_pipeline.llm import LLMRequest, user_message
+    from gmner_pipeline.stage import mark_error
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "writing-a-stage.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    namespace = {"Stage": Stage, "LLMRequest": LLMRequest, "user_message": user_message, "mark_error": mark_error}
+    exec(code, namespace)  # noqa: S102 - our own documentation
+    with FakeOpenAI(model="teacher-model") as srv:
+        srv.faults.append(__import__("gmner_pipeline.testing", fromlist=["Fault"]).Fault.status_code(400))
+        llm = {"roles": {"teacher": {"endpoints": [{"base_url": srv.base_url, "model": "teacher-model"}]}},
+               "cache": {"enabled": False}}
+        out = run_stage(namespace["ShoutStage"], recs(3), llm=llm, batch_size=3)
+    statuses = sorted(r["status"] for r in out)
+    assert statuses == ["error", "ok", "ok"]
+    for rec in out:
+        if rec["status"] == "ok":
+            assert rec["knowledge"][0]["knowledge"] == f"echo: {rec['text']}"
+            assert rec["lineage"][-1]["model_ids"] == ["teacher-model"]
+        else:
+            assert "bad_request" in rec["error"]
