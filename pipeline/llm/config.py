@@ -37,7 +37,9 @@ class EndpointConfig(Strict):
     model: str = Field(..., description="model name as the server knows it")
     api_key_env: str | None = Field(
         None, description="NAME of the environment variable holding the API key (the key itself never goes in config)")
-    max_concurrency: int = Field(16, ge=1, description="requests in flight to this endpoint at most")
+    max_concurrency: int = Field(
+        16, ge=1, description="requests in flight to this server across the whole run: the runner divides it among "
+        "the actors that call it (at least 1 each); roles in one actor calling the same server share their share")
     weight: float = Field(1.0, gt=0, description="share of traffic relative to the role's other endpoints")
     json_schema_via: Literal["json_schema", "json_object"] = Field(
         "json_schema", description="how a json_schema response_format is sent: as is (OpenAI, vLLM), or as "
