@@ -3,10 +3,12 @@ form, truncated at any position, up to 1 MB) must parse within a budget measured
 answer of the same length, never as an absolute time. The old regex parser took seconds on 335 characters (a box
 list cut off after twenty boxes) and effectively never finished on 1 MB of unclosed tags.
 
-Timing on a shared 2-core machine is noisy, so: every time is the best of 3 (short inputs timed in batches of at least
-5 ms), the garbage collector is paused while timing, and the bound (25x) is far above the worst ratio a linear parser
-shows here (about 5x, box-only segments) and far below what a super-linear one shows (thousands). The worst ratio
-observed is printed (``pytest -s``) and recorded as the test property ``worst_parser_ratio``.
+Timing on a shared 2-core machine is noisy, so: the well-formed reference is the best of 5 timings, an input is timed
+once and, when that single timing gives a ratio above 2, again as the best of 3 (and of 5 above half the bound); short
+inputs are timed in batches of at least 5 ms and the garbage collector is paused while timing. The bound (25x) is far
+above the worst ratio a linear parser shows here (about 5x, box-only segments at 1 MB) and far below what a
+super-linear one shows (the old parser: over 10,000x on the issue's first example). The worst ratio observed is printed
+(``pytest -s``) and recorded as the test property ``worst_parser_ratio``. About 20 s on an idle 2-core machine.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def parse(text: str):
     return parse_answer(text, max_chars=None)  # no cap: the parser itself must be linear, not just the cap
 
 
-def seconds_per_call(text: str, repeats: int = 3) -> float:
+def seconds_per_call(text: str, repeats: int) -> float:
     best, number = float("inf"), 1
     gc.collect()
     gc.disable()
@@ -60,7 +62,7 @@ def baseline_per_char(size: int) -> float:
     if size not in _BASELINE:
         text = well_formed(size)
         assert parse(text).ok
-        _BASELINE[size] = (seconds_per_call(text), len(text))
+        _BASELINE[size] = (seconds_per_call(text, repeats=5), len(text))
     took, length = _BASELINE[size]
     return took / length
 
@@ -76,7 +78,7 @@ FORMS = [" ", "  ", "\t", "\n", ",", ", ", " , ", ";", "; ", "|", "｜", "│", 
 PREFIXES = ["", "Obama|PER|", "<think>x</think><answer>", "<answer>Obama|PER|", "[", "{", "Answer: ", "1. A|PER|None\n",
             "```json\n", "A|PER|[1,2,3,4]; ", "Here you go:\n", "Obama|PER|[1,"]
 SUFFIXES = ["", "[10,2", "(1, 2) , (3,", "|None", "2,3,4", "</answer>", "</think>", "]", "}", "```", "\n", "x"]
-SIZES = [300, 2_000, 30_000, 1_000_000]
+SIZES = [300] * 3 + [2_000] * 3 + [30_000] * 3 + [1_000_000]  # drawn uniformly: one input in ten is 1 MB
 
 
 def build(prefix: str, unit: str, size: int, cut: int, suffix: str) -> str:
@@ -87,7 +89,7 @@ def build(prefix: str, unit: str, size: int, cut: int, suffix: str) -> str:
 _WORST: list[tuple[float, str]] = []
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, report_multiple_bugs=False,
+@settings(max_examples=50, deadline=None, derandomize=True, report_multiple_bugs=False,
           suppress_health_check=list(HealthCheck))
 @given(st.sampled_from(PREFIXES), st.lists(st.sampled_from(FORMS), min_size=1, max_size=4).map("".join),
        st.sampled_from(SIZES), st.integers(0, 200), st.sampled_from(SUFFIXES))
@@ -102,11 +104,10 @@ _WORST: list[tuple[float, str]] = []
 @example("A|PER|[1,2,3,4]", "; [1,2,3,4]", 1_000_000, 0, "")
 def _parse_time_within_budget(prefix, unit, size, cut, suffix):
     text = build(prefix, unit, size, cut, suffix)
-    got = parse(text)
-    assert got.status in ("ok", "partial", "unparsable", "empty")
-    ratio = seconds_per_call(text) / len(text) / baseline_per_char(size)
-    if ratio > RATIO_BOUND / 2:  # measure again before failing: a busy machine can slow one measurement
-        ratio = min(ratio, seconds_per_call(text, repeats=5) / len(text) / baseline_per_char(size))
+    ratio = float("inf")
+    for repeats, above in ((1, 0.0), (3, 2.0), (5, RATIO_BOUND / 2)):  # time again only where it matters
+        if ratio > above:  # a busy machine slows single timings: the best of several is the parser's own time
+            ratio = min(ratio, seconds_per_call(text, repeats) / len(text) / baseline_per_char(size))
     _WORST.append((ratio, f"{prefix!r} + {unit!r} * n + {suffix!r} ({len(text)} chars)"))
     assert ratio <= RATIO_BOUND, f"parsing took {ratio:.1f}x a well-formed answer of the same length: {_WORST[-1][1]}"
 
