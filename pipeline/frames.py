@@ -163,7 +163,10 @@ def map_box_literals(text: str, mapper: Callable[[Box], Box]) -> str:
     back as integers. Chains are stored in original pixels; this puts their boxes into (or out of) a model's frame."""
 
     def sub(m: re.Match) -> str:
-        return format_box(mapper(tuple(float(v) for v in m.groups())))  # type: ignore[arg-type]
+        box = mapper(tuple(float(v) for v in m.groups()))  # type: ignore[arg-type]
+        if not all(math.isfinite(v) for v in box):  # a number too large for a float (model output): left as written
+            return m.group(0)
+        return format_box(box)
 
     return _BOX_LITERAL.sub(sub, text)
 
