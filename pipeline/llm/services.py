@@ -1,7 +1,7 @@
 """What the runner wraps a run in: endpoints for every LLM role the run's stages declared.
 
     roles = set().union(*(stage_cls.llm_roles(cfg) for ...))
-    with llm_services(run_config.llm, roles) as llm:        # starts the embedded server if some role needs it
+    with llm_services(config.llm, roles) as llm:            # starts the embedded server if some role needs it
         llm = divide_concurrency(llm, [(roles_of_stage, pool_size), ...])
         ...                                                  # each stage's StageContext.llm; workers: Stage.llm
 
