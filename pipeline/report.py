@@ -6,15 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .runner import RunResult, stage_totals
-from .schema import table_to_records
-from .shards import SHARD_GLOB, read_json
+from .summary import RunResult, stage_totals
+from .answer import format_box
+from .shards import iter_committed_tables, read_json
 
 
 class OutputNotFound(FileNotFoundError):
@@ -72,19 +71,14 @@ def find_record(output_dir: str | Path, record_id: str, stage: str | None = None
     if not entries:
         raise KeyError(f"stage {stage!r} is not in the last run; stages: {[e['stage'] for e in chain]}")
     for entry in entries:
-        for path in sorted(Path(entry["dir"]).glob(SHARD_GLOB)):
-            table = pq.read_table(path)
+        for path, table in iter_committed_tables(entry["dir"]):
             hit = table.filter(pc.equal(table.column("id"), record_id))
             if hit.num_rows:
-                rec = table_to_records(hit)[0]
+                rec = hit.to_pylist()[0]
                 rec["_stage"] = entry["stage"]
                 rec["_shard"] = str(path)
                 return rec
     raise KeyError(f"no record with id {record_id!r} in {output_dir}; ids look like 'twitter-gmner-v2/train/71044'")
-
-
-def _box(box: Any) -> str:
-    return "[" + ",".join(f"{v:.0f}" for v in box) + "]"
 
 
 def record_view(rec: dict[str, Any]) -> Group:
@@ -105,7 +99,7 @@ def record_view(rec: dict[str, Any]) -> Group:
                           f"grounding labels: {rec.get('grounding_labels')}"))
     ents = Table("entity", "type", "fine type", "tokens", "boxes", title="entities", title_justify="left")
     for e in rec.get("entities") or []:
-        boxes = " ".join(_box(b) for b in e.get("boxes") or []) or (
+        boxes = " ".join(format_box(b) for b in e.get("boxes") or []) or (
             "not visible" if rec.get("grounding_labels") == "present" else "unknown")
         ents.add_row(e["text"], e["type"], e.get("fine_type") or "", f"{e['start']}:{e['end']}", boxes)
     parts.append(ents)
