@@ -36,7 +36,7 @@ def status_table(output_dir: str | Path) -> Table:
     latest = load_latest(output_dir)
     table = Table(title=f"{output_dir}  (run {latest['run_id']})", title_justify="left")
     for col in ("stage", "key", "shards", "records in", "ok", "dropped", "errors", "drops by reason",
-                "errors by stage"):
+                "errors by stage", "stage counters"):
         table.add_column(col, overflow="fold",
                          justify="right" if col in {"shards", "records in", "ok", "dropped", "errors"} else "left")
     total_shards = latest["ingest"]["num_shards"]
@@ -44,23 +44,24 @@ def status_table(output_dir: str | Path) -> Table:
         t = stage_totals(Path(entry["dir"]))
         table.add_row(entry["stage"], entry["key"][:10], f"{t['shards']}/{total_shards}", str(t["records_in"]),
                       str(t["records_ok"]), str(t["records_dropped"]), str(t["records_error"]),
-                      _reasons(t["drop_reasons"]), _reasons(t["errors_by_stage"]))
+                      _reasons(t["drop_reasons"]), _reasons(t["errors_by_stage"]), _reasons(t["counters"]))
     return table
 
 
 def summary_table(result: RunResult) -> Table:
     table = Table(title=f"run {result.run_id}: {result.seconds:.1f} s", title_justify="left")
-    for col in ("stage", "shards done", "reused", "records in", "ok", "dropped", "errors", "records/s"):
+    for col in ("stage", "shards done", "reused", "records in", "ok", "dropped", "errors", "records/s",
+                "stage counters"):
         table.add_column(col, overflow="fold", justify="left" if col == "stage" else "right")
     ing = result.ingest
     table.add_row("ingest", f"{ing['num_shards']}/{ing['num_shards']}", "", str(ing["records_in"]),
-                  str(ing["records_ok"]), "0", str(ing["records_error"]), "")
+                  str(ing["records_ok"]), "0", str(ing["records_error"]), "", "")
     for s in result.plan.stages:
         sp = result.stages[s.name]
         t = stage_totals(s.dir)
         table.add_row(s.name, f"{sp.done}/{sp.total}", str(sp.done - sp.processed_now), str(t["records_in"]),
                       str(t["records_ok"]), str(t["records_dropped"]), str(t["records_error"]),
-                      f"{sp.records_per_s:.1f}" if sp.processed_now else "-")
+                      f"{sp.records_per_s:.1f}" if sp.processed_now else "-", _reasons(t["counters"]))
     return table
 
 

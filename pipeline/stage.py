@@ -107,6 +107,7 @@ class Stage:
         self.model_ids: list[str] = []
         self.prompt_hash: str | None = None
         self._usage: dict[str, Usage] = {}
+        self._counters: Counter[str] = Counter()
 
     # --- what a stage defines -----------------------------------------------------------------------------------
 
@@ -168,6 +169,18 @@ class Stage:
         u.completion_tokens += completion_tokens
         if seconds is not None:
             u.seconds = (u.seconds or 0.0) + seconds
+
+    def count(self, event: str, n: int = 1) -> None:
+        """Count an event of this stage (``"generator_failed:timeout"``, ``"rejected:leaks_labels"``): summed per
+        shard into its commit marker (``counters``), per stage in ``status`` and the end-of-run summary. Use it for
+        what records do not show by themselves: per-entity or per-chain outcomes, retries, cache hits."""
+        if n:
+            self._counters[event] += n
+
+    def take_counters(self) -> dict[str, int]:
+        """The counts since the last call (the framework's: one call per shard)."""
+        out, self._counters = dict(self._counters), Counter()
+        return out
 
     # --- the framework ----------------------------------------------------------------------------------------------
 

@@ -69,13 +69,14 @@ def run_summary(result: RunResult) -> dict[str, Any]:
 def stage_totals(stage_dir: Path) -> dict[str, Any]:
     """Sum the commit markers of a stage folder's committed shards (for status and summaries)."""
     totals: dict[str, Any] = {"shards": 0, "records_in": 0, "records_ok": 0, "records_dropped": 0,
-                              "records_error": 0, "drop_reasons": {}, "errors_by_stage": {}, "seconds": 0.0}
+                              "records_error": 0, "drop_reasons": {}, "errors_by_stage": {}, "counters": {},
+                              "seconds": 0.0}
     for stats in read_markers(stage_dir).values():
         totals["shards"] += 1
         for k in ("records_in", "records_ok", "records_dropped", "records_error"):
             totals[k] += stats.get(k, 0)
         totals["seconds"] += stats.get("seconds", 0.0) or 0.0
-        for group in ("drop_reasons", "errors_by_stage"):
+        for group in ("drop_reasons", "errors_by_stage", "counters"):
             for reason, n in (stats.get(group) or {}).items():
                 totals[group][reason] = totals[group].get(reason, 0) + n
     return totals

@@ -66,16 +66,20 @@ def stop_stage(stage: Stage) -> None:
 
 def run_batch(stage: Stage, batch: list[Record]) -> list[Record]:
     """One batch through the stage; if it raises, record by record, and a record that still raises becomes an
-    error record. Inputs are copied (one level), so a failed try cannot leave half-written results behind."""
+    error record. Inputs are copied (one level), so a failed try cannot leave half-written results behind, and the
+    counters a failed try added are taken back, so an event is counted once per record that keeps its result."""
+    before = Counter(stage._counters)
     try:
         return stage([dict(r) for r in batch])
     except StageContractError:
         raise
     except Exception:  # noqa: BLE001 - isolate the failing record(s) below
+        stage._counters = Counter(before)
         log.warning("stage %s failed on a batch of %d; retrying record by record", stage.name, len(batch),
                     exc_info=True)
     out = []
     for rec in batch:
+        before = Counter(stage._counters)
         try:
             result = stage([dict(rec)])
             check_contract([rec], result, stage.name)
@@ -83,6 +87,8 @@ def run_batch(stage: Stage, batch: list[Record]) -> list[Record]:
         except StageContractError:
             raise
         except Exception as exc:  # noqa: BLE001 - the record carries the error; the run goes on
+            stage._counters = before
+            stage.count("record_raised")
             tb = traceback.format_exception_only(type(exc), exc)[-1].strip()
             out.append(mark_error(dict(rec), stage.name, f"{stage.name} raised {tb}"))
     return out
@@ -101,6 +107,7 @@ class ShardProcessor:
                 extra_stats: dict[str, Any] | None = None) -> dict[str, Any]:
         """Process input shard ``index`` into ``out_dir``; returns the stats written to the commit marker."""
         t0 = time.perf_counter()
+        self.stage.take_counters()  # a shard that failed before on this worker left its counts behind
         records = read_records(in_path)
         out: list[Record] = []
         for start in range(0, len(records), self.batch_size):
@@ -111,6 +118,7 @@ class ShardProcessor:
         stats.update(stage=self.name, stage_key=self.context.stage_key, run_id=self.context.run_id, shard=index,
                      seconds=round(time.perf_counter() - t0, 3), host=socket.gethostname(), pid=os.getpid(),
                      finished_at=time.time(), **(extra_stats or {}))
+        stats["counters"] = self.stage.take_counters()
         llm = self.stage.llm.stats()
         if llm:
             stats["llm"] = llm  # running totals of this worker's clients, per role

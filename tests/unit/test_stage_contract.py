@@ -252,3 +252,33 @@ def test_the_example_in_writing_a_stage_runs(tmp_path):
             assert rec["lineage"][-1]["model_ids"] == ["teacher-model"]
         else:
             assert "bad_request" in rec["error"]
+
+
+# --- stage counters --------------------------------------------------------------------------------------------------
+
+def test_counters_reach_the_commit_marker_once_per_kept_result(tmp_path):
+    """``Stage.count`` events are summed per shard into the marker; a batch that raises and is redone record by
+    record does not count its failed try, and a record that still raises counts as ``record_raised``."""
+    from gmner_pipeline.schema import empty_record
+    from gmner_pipeline.shards import read_markers, shard_path, write_records
+    from gmner_pipeline.stage import Stage, StageConfig, StageContext
+    from gmner_pipeline.summary import stage_totals
+    from gmner_pipeline.worker import ShardProcessor
+
+    class Counting(Stage):
+        name, version = "counting", "1"
+
+        def process(self, records):
+            for r in records:
+                self.count("seen")
+                if r["id"] == "bad":
+                    raise ValueError("bad record")
+            return records
+
+    records = [empty_record(id=i, source="t") for i in ("a", "b", "bad", "c")]
+    write_records(shard_path(tmp_path / "in", 0), records)
+    proc = ShardProcessor(Counting, StageConfig(batch_size=4), StageContext())
+    proc.process(0, shard_path(tmp_path / "in", 0), tmp_path / "out")
+    marker = read_markers(tmp_path / "out")[0]
+    assert marker["counters"] == {"seen": 3, "record_raised": 1}
+    assert stage_totals(tmp_path / "out")["counters"] == {"seen": 3, "record_raised": 1}
