@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any, Iterable
 
 from gmner_pipeline.hashing import stable_hash
@@ -87,8 +88,6 @@ class KnowledgeStage(Stage):
         for name in config.template_names():
             load_template(name, config.max_aspects)  # a broken template fails before the run
         if config.entities == "predicted":
-            from pathlib import Path
-
             if not Path(config.predictions or "").exists():
                 raise StageSetupError(f"stages.knowledge.predictions: {config.predictions} does not exist (a JSONL "
                                       "file or shards of predicted entities)")
@@ -120,8 +119,6 @@ class KnowledgeStage(Stage):
         self.predictions = self._load_predictions() if cfg.entities == "predicted" else None
 
     def _load_predictions(self) -> dict[str, list[tuple[str, str]]]:
-        from pathlib import Path
-
         from gmner_pipeline.scoring.io import load_predictions
 
         preds = load_predictions([Path(self.config.predictions or "")])

@@ -438,3 +438,38 @@ def test_show_and_view_display_answers_vote_support_and_summary(tmp_path):
     page = render_html(tmp_path / "out")
     assert "A tall man with short dark hair." in page and "<td>knowledge_gen_1, knowledge_gen_2</td>" in page
     assert "failed: unparsable" in page and "fine type from knowledge_gen_1, knowledge_gen_2" in page
+
+
+def test_predicted_entities_come_from_a_predictions_file_and_are_marked_predicted(tmp_path):
+    from gmner_pipeline.student import has_gold_knowledge
+
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text(json.dumps({"id": KEVIN["id"], "answer": "Cleveland|LOC|None; Kevin Love|PER|None"}) + "\n"
+                     + json.dumps({"id": "t/train/2", "answer": "None"}) + "\n")
+    gens = [person(gender="A man."), person(gender="Male.")]
+    with fakes(gens, "{}") as (llm, servers):
+        out = run([KEVIN, record(2, "Paris in spring", [("Paris", "LOC")])], llm, entities="predicted",
+                  predictions=str(preds))
+        asked = {entity_of(s.body) for s in servers[0].seen}
+    assert asked == {"Cleveland", "Kevin Love"}  # the predictions, not the gold entities (Paris is gold only)
+    assert [k["entity"] for k in out[0]["knowledge"]] == ["Cleveland", "Kevin Love"]
+    assert all(k["entity_source"] == "predicted" for k in out[0]["knowledge"]) and out[1]["knowledge"] == []
+    assert not has_gold_knowledge(out[0]) and has_gold_knowledge({"knowledge": [{"entity_source": "gold"}]})
+    a = KnowledgeConfig(entities="predicted", predictions=str(preds)).key_payload()
+    preds.write_text("")
+    assert KnowledgeConfig(entities="predicted", predictions=str(preds)).key_payload() != a  # content keys it
+
+
+def test_the_bundled_knowledge_configs_load_and_plan(tmp_path, monkeypatch):
+    from gmner_pipeline.config import load_config
+    from gmner_pipeline.plan import plan_run, stages_for_command
+
+    monkeypatch.setenv("GMNER_DATA", str(tmp_path))
+    for name in ("sample_knowledge", "twitter_gmner_knowledge"):
+        cfg = load_config(name, [f"run.output_dir={tmp_path / name}"])
+        assert cfg.pipeline == ["knowledge", "template_cot"]
+        plan = plan_run(cfg)
+        assert plan.stages[0].cls is KnowledgeStage and len(KnowledgeStage.llm_roles(cfg.stages["knowledge"])) >= 4
+    sample = load_config("sample", [f"run.output_dir={tmp_path / 's'}"])
+    assert stages_for_command(sample, "knowledge") == ["knowledge"]  # `run knowledge` on the default sample
+    assert sample.stages["knowledge"].max_aspects  # with the fast settings
