@@ -51,6 +51,8 @@ class ShardActor:
 
     def __init__(self, stage_name: str, config: dict[str, Any], context: dict[str, Any]):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        for noisy in ("httpx", "httpx2", "openai", "urllib3", "filelock"):  # one line per LLM request otherwise
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         from gmner_pipeline.stages import load_stage
         from gmner_pipeline.worker import ShardProcessor
 

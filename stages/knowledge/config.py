@@ -20,7 +20,8 @@ DEFAULT_NON_ANSWERS = [
     r"provided|given|sure|clear)\b", r"no (?:information|info|data|details|known|specific|visible|particular)\b",
     r"unclear\b", r"unspecified\b", r"i (?:do not|don't|cannot|can't) (?:know|tell|say)\b",
     r"(?:it )?(?:cannot|can't|could not) be determined\b", r"there is no\b", r"nothing\b", r"-+$", r"\?+$",
-    r"<[^<>]*>$",  # the prompt's own placeholder copied back ("<one sentence, or N/A>"), as small models do
+    # the prompts' own placeholders copied back, as small models do ("<one sentence, or N/A>", "one sentence ...")
+    r"<", r"one sentence\b", r"one of the types above\b", r"the type most models chose\b",
 ]
 
 

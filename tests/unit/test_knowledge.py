@@ -153,7 +153,9 @@ def test_no_agreement_after_the_vote():
 
 
 @pytest.mark.parametrize("text", ["N/A", "n/a.", "None", "Unknown", "not applicable", "No information available.",
-                                  "I don't know", "-", "?", "", "  N / A  ", "Cannot be determined."])
+                                  "I don't know", "-", "?", "", "  N / A  ", "Cannot be determined.",
+                                  "<one sentence, or N/A>", "<one sentence, or N/A}", "one sentence, or N/A",
+                                  "<one sentence they agree on>"])
 def test_non_answers_are_recognised(text):
     ans = read_generator(GeneratorAnswer("g", "A", "m", json.dumps({"fine_type": "x", "aspects": {"hair": text}})),
                          ["hair"], ["athlete"], NA)
