@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .config import RunConfig, stable_hash
+from .dataset_card import write_dataset_card
 from .ingest_step import run_ingest
 from .plan import RunPlan, StagePlan, plan_run
 from .shards import MANIFEST, committed_indices, marker_path, read_markers, remove_stale_temporaries, \
@@ -232,6 +233,7 @@ def execute(plan: RunPlan, config: RunConfig, run_id: str, num_shards: int,
         s.dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(s.dir)
         write_json_atomic(s.dir / MANIFEST, s.manifest())
+        write_dataset_card(s.dir, s.manifest())  # so that datasets.load_dataset(s.dir) reads the shards only
 
     with ray_session(config) as ray:
         pools: dict[int, _Pool] = {}
