@@ -162,6 +162,8 @@ def map_box_literals(text: str, mapper: Callable[[Box], Box]) -> str:
 
     def sub(m: re.Match) -> str:
         box = mapper(tuple(float(v) for v in m.groups()))  # type: ignore[arg-type]
+        if not all(math.isfinite(v) for v in box):  # a number too large for a float (model output): left as written
+            return m.group(0)
         return "[" + ",".join(str(int(round(v))) for v in box) + "]"
 
     return _BOX_LITERAL.sub(sub, text)

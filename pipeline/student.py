@@ -30,12 +30,11 @@ from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .answer import Triple, format_answer, format_turn, gold_triples
+from .answer import DEFAULT_TYPES, Triple, format_answer, format_turn, gold_triples
 from .frames import ORIGINAL, FrameConfig, boxes_to_frame, model_image_size, prepare_image, text_to_frame, to_frame
 from .prompts import load_text, prompt_hash as _files_hash
 
 Messages = list[dict[str, Any]]
-DEFAULT_TYPES = ("PER", "LOC", "ORG", "OTHER")
 
 
 class StudentPromptConfig(BaseModel):

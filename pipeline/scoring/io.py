@@ -138,10 +138,16 @@ def _read_jsonl(path: Path, preds: Predictions, types: Collection[str] | None) -
             except json.JSONDecodeError as exc:
                 preds.problems.append(f"{where}: not JSON ({exc.msg})")
                 continue
+            except (ValueError, RecursionError) as exc:  # an integer beyond Python's digit limit, nesting too deep
+                preds.problems.append(f"{where}: unreadable JSON ({type(exc).__name__}: {str(exc)[:120]})")
+                continue
             if not isinstance(obj, dict) or "id" not in obj:
                 preds.problems.append(f"{where}: expected an object with an 'id'")
                 continue
-            _add(preds, str(obj["id"]), _from_object(obj, where, types))
+            pred = _from_object(obj, where, types)
+            if "triples" in obj:  # a triple that cannot be used (e.g. a non-finite coordinate) is reported, and skipped
+                preds.problems.extend(pred.errors)
+            _add(preds, str(obj["id"]), pred)
 
 
 def _from_object(obj: dict[str, Any], where: str, types: Collection[str] | None) -> Prediction:
@@ -166,7 +172,10 @@ def _from_object(obj: dict[str, Any], where: str, types: Collection[str] | None)
 
 def _from_record(rec: dict[str, Any], pred_field: str, types: Collection[str] | None) -> Prediction:
     if pred_field == "entities":
-        return Prediction(gold_triples(rec))
+        try:
+            return Prediction(gold_triples(rec))
+        except ValueError as exc:  # a box that is not four finite numbers
+            return Prediction([], "unparsable", [f"{rec['id']}: {exc}"])
     chains = (rec.get("cot") or {}).get("chains") or []
     if not chains:
         return Prediction([], "empty", [f"{rec['id']}: no CoT chain"])
@@ -192,6 +201,11 @@ def pair(gold: list[dict[str, Any]], preds: Predictions, missing: Literal["empty
         if rec.get("status", STATUS_OK) != STATUS_OK:
             skipped += 1
             continue
+        try:
+            gold_of_rec = gold_triples(rec)
+        except ValueError:  # a gold box that is not four finite numbers: the record is not scored (counted)
+            skipped += 1
+            continue
         key = next((k for k in (rec["id"], rec.get("sample_key")) if k is not None and k in preds.by_id), None)
         if key is None:
             missing_ids.append(rec["id"])
@@ -199,7 +213,7 @@ def pair(gold: list[dict[str, Any]], preds: Predictions, missing: Literal["empty
         else:
             used.add(key)
             pred = preds.by_id[key]
-        samples.append(Sample(id=rec["id"], gold=gold_triples(rec), pred=pred.triples, tokens=rec.get("tokens"),
+        samples.append(Sample(id=rec["id"], gold=gold_of_rec, pred=pred.triples, tokens=rec.get("tokens"),
                               grounded=rec.get("grounding_labels") != GROUNDING_ABSENT, parse_status=pred.status))
     if missing_ids and missing == "error":
         raise EvalInputError(f"{len(missing_ids)} gold records have no prediction (first: {missing_ids[:3]}); "
