@@ -137,13 +137,16 @@ def window_child(args: argparse.Namespace) -> None:
     print("WINDOW " + json.dumps(out), flush=True)
 
 
-def simultaneous_round(r: int, base_url: str, model: str, concurrency: int, params: dict,
-                       window_s: float) -> dict[str, dict[str, float]]:
+def simultaneous_round(r: int, base_url: str, model: str, concurrency: int, params: dict, window_s: float,
+                       pair: tuple[str, str] = ("raw", "client")) -> dict[str, dict[str, float]]:
     """Raw and client in two processes, over the same time window against the same server: whatever else the
-    machine does in that window, both sides live through it."""
+    machine does in that window, both sides live through it. ``pair`` says what the raw and the client side run:
+    ``("raw", "raw")`` is the A/A check of the method itself (its ratio should be 1)."""
     start_at = time.time() + 3.0  # both children imported and connected by then
     kinds = ("raw", "client") if r % 2 == 0 else ("client", "raw")  # who starts first alternates
-    procs = {k: subprocess.Popen([sys.executable, __file__, "--child", k, "--base-url", base_url, "--model", model,
+    runs_as = dict(zip(("raw", "client"), pair))
+    procs = {k: subprocess.Popen([sys.executable, __file__, "--child", runs_as[k], "--base-url", base_url,
+                                  "--model", model,
                                   "--concurrency", str(concurrency), "--params", json.dumps(params),
                                   "--start-at", repr(start_at), "--window", str(window_s)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in kinds}
@@ -278,6 +281,10 @@ def bootstrap_median_ci(values: list[float], level: float = 0.95, resamples: int
     return float(np.quantile(medians, (1 - level) / 2)), float(np.quantile(medians, 1 - (1 - level) / 2))
 
 
+def there_positive(runs: list[dict[str, float]]) -> bool:
+    return statistics.median(x["server_cpu_ms"] for x in runs) > 0
+
+
 def quartiles(values: list[float]) -> tuple[float, float]:
     q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
     return q[0], q[2]
@@ -298,6 +305,8 @@ def main() -> None:
                     help="sequential: raw and client runs one after the other (ABBA); simultaneous: both at once in "
                     "two processes over the same time window (see the module doc)")
     ap.add_argument("--window", type=float, default=8.0, help="seconds per simultaneous round")
+    ap.add_argument("--pair", default="raw,client", help="what the two simultaneous sides run; raw,raw or "
+                    "client,client is the A/A check of the method (its ratio should be 1)")
     ap.add_argument("--vllm-root", type=Path, default=REPO / ".cache" / "vllm",
                     help="where the vLLM CPU venv and the tiny model are (built there if missing)")
     ap.add_argument("--child", choices=["raw", "client"], help=argparse.SUPPRESS)
@@ -341,7 +350,8 @@ def main() -> None:
                           flush=True)
         if args.mode in ("simultaneous", "both"):
             for r in range(args.rounds):
-                pair = simultaneous_round(r, base_url, model, args.concurrency, params, args.window)
+                pair = simultaneous_round(r, base_url, model, args.concurrency, params, args.window,
+                                          tuple(args.pair.split(",")))
                 for kind, res in pair.items():
                     together[kind].append(res)
                 print(f"simultaneous round {r:2d}: raw {pair['raw']['rps']:6.2f} req/s "
@@ -374,12 +384,22 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict[str, float]]], ti
     here = (med(raw, "cpu_ms"), med(cli, "cpu_ms"))
     print(f"CPU per request in the sending process: raw {here[0]:.2f} ms, client {here[1]:.2f} ms (the client adds "
           f"{here[1] - here[0]:+.2f} ms)")
-    if "server_cpu_ms" in raw[0]:
+    added = [c["cpu_ms"] - r["cpu_ms"] for c, r in zip(cli, raw)]
+    a_low, a_high = bootstrap_median_ci(added)
+    print(f"  per-round pairs: the client adds {statistics.median(added):+.3f} ms (95% CI {a_low:+.3f} to "
+          f"{a_high:+.3f} ms)")
+    if "server_cpu_ms" in raw[0] and there_positive(raw):
         there = (med(raw, "server_cpu_ms"), med(cli, "server_cpu_ms"))
         print(f"CPU per request in the server: raw {there[0]:.2f} ms, client {there[1]:.2f} ms")
-        if there[0] > 0:
-            print(f"RATIO by total CPU per request (raw/client, sender + server): "
-                  f"{(here[0] + there[0]) / (here[1] + there[1]):.3f}")
+        cpu_ratios = [(r["cpu_ms"] + r["server_cpu_ms"]) / (c["cpu_ms"] + c["server_cpu_ms"]) for c, r in zip(cli, raw)]
+        c_low, c_high = bootstrap_median_ci(cpu_ratios)
+        print(f"RATIO by total CPU per request (raw/client, sender + server; what throughput follows when they share "
+              f"the cores): median {statistics.median(cpu_ratios):.3f}, 95% CI {c_low:.3f}-{c_high:.3f}")
+        # the sender's share is what the client can change; the server's work per request is the same on both sides
+        own = [(r["cpu_ms"] + there[0]) / (c["cpu_ms"] + there[0]) for c, r in zip(cli, raw)]
+        o_low, o_high = bootstrap_median_ci(own)
+        print(f"RATIO by the sender's CPU alone, with the server's median cost on both sides: median "
+              f"{statistics.median(own):.3f}, 95% CI {o_low:.3f}-{o_high:.3f}")
     if low >= args.target:
         verdict = f"meets the target (>= {args.target}): the whole 95% interval is above it"
     elif high < args.target:

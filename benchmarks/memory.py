@@ -25,8 +25,7 @@ import yaml
 
 from common import DEFAULT_DATA, TreeSampler, mib, source_of_size
 
-RAY_OWN = ("gcs_server", "raylet", "dashboard_agent", "runtime_env_agent", "log_monitor", "monitor.py",
-           "dashboard.py", "ray::IDLE", "default_worker.py")
+OURS = ("driver", "actor:ShardActor")  # every other process of the tree is Ray's own
 
 
 def one_run(work: Path, source: Path, stage: str, shard_size: int) -> dict:
@@ -72,7 +71,7 @@ def main() -> None:
                 r = one_run(work, src, stage, args.shard_size)
                 kinds = r["kinds"]
                 actor = kinds.get("actor:ShardActor", (0, 0))
-                ray_own = sum(peak for kind, (_, peak) in kinds.items() if kind.startswith(RAY_OWN))
+                ray_own = sum(peak for kind, (_, peak) in kinds.items() if kind not in OURS)
                 row = {"records": n, "stage": stage, **{k: r[k] for k in ("wall_s", "records_per_s", "ingest_s")},
                        "driver_mib": kinds.get("driver", (0, 0))[1] / 2**20, "actor_mib": actor[1] / 2**20,
                        "actors": actor[0], "gcs_mib": kinds.get("gcs_server", (0, 0))[1] / 2**20,
