@@ -83,6 +83,20 @@ def execute(plan: RunPlan, config: RunConfig, num_shards: int, contexts: list[St
         return Scheduler(book, executor, config.run.shard_attempts).run(on_progress)
 
 
+def publish(plan: RunPlan, config: RunConfig, run_id: str, ok: bool) -> dict[str, int] | None:
+    """Rebuild ``<output>/dataset`` (D1, D2, D2_filtered) when the run wrote CoT chains and every shard completed."""
+    writes = set().union(*(s.cls.writes for s in plan.stages)) if plan.stages else set()
+    if "cot" not in writes:
+        return None
+    if not ok:
+        log.warning("dataset not republished: some shards failed (rerun the same command to finish them)")
+        return None
+    from .publish import publish_dataset
+
+    return publish_dataset(plan.final_dir, plan.output_dir, config.dataset, with_filtered="grpo" in writes,
+                           run_id=run_id)
+
+
 def run(config: RunConfig, stages: list[str] | None = None,
         on_progress: Callable[[dict[str, StageProgress]], None] | None = None,
         on_plan: Callable[[RunPlan, dict[str, Any]], None] | None = None) -> RunResult:
@@ -102,8 +116,11 @@ def run(config: RunConfig, stages: list[str] | None = None,
         with llm_service_scope(config, plan) as llm:
             contexts = stage_contexts(plan, config, run_id, llm)
             progress = execute(plan, config, ingest["num_shards"], contexts, on_progress)
+        dataset = publish(plan, config, run_id, ok=not any(sp.failed for sp in progress.values()))
         result = RunResult(run_id, plan, progress, ingest, time.perf_counter() - t0)
         summary = run_summary(result)
+        if dataset is not None:
+            summary["dataset"] = dataset
         write_json_atomic(out / "runs" / run_id / "summary.json", summary)
         write_json_atomic(out / "latest.json", summary)
     return result
