@@ -47,34 +47,34 @@ class StageBatches:
     def __init__(self, stage_name: str, config: dict[str, Any]):
         from gmner_pipeline.stage import StageContext
         from gmner_pipeline.stages import load_stage
+        from gmner_pipeline.worker import start_stage
 
         cls = load_stage(stage_name)
         cfg = cls.Config.model_validate(config)
         self.batch_size = cfg.batch_size
-        self.stage = cls(cfg, StageContext(run_id="raydata"))
-        self.stage.setup()
+        self.stage = start_stage(cls, cfg, StageContext(run_id="raydata"))
 
     def __call__(self, batch):
         from gmner_pipeline.schema import records_to_table, table_to_records
+        from gmner_pipeline.worker import run_batch
 
         records = table_to_records(batch)
         out = []
         for start in range(0, len(records), self.batch_size):
-            out.extend(self.stage(records[start:start + self.batch_size]))
+            out.extend(run_batch(self.stage, records[start:start + self.batch_size]))
         return records_to_table(out)
 
 
 def run_inprocess(plan, stage_plan, num_shards: int) -> dict[str, float]:
     from gmner_pipeline.shards import commit_shard, read_records, shard_path, write_records
-    from gmner_pipeline.stage import StageContext
-    from gmner_pipeline.worker import check_contract, shard_stats
+    from gmner_pipeline.stage import StageContext, check_contract
+    from gmner_pipeline.worker import run_batch, shard_stats, start_stage, stop_stage
 
     out = stage_plan.dir
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     t0, c0 = time.perf_counter(), time.process_time()
-    stage = stage_plan.cls(stage_plan.config, StageContext(run_id="inprocess", stage_key=stage_plan.key))
-    stage.setup()
+    stage = start_stage(stage_plan.cls, stage_plan.config, StageContext(run_id="inprocess", stage_key=stage_plan.key))
     steps = {"setup": time.perf_counter() - t0, "read": 0.0, "stage": 0.0, "write": 0.0, "commit": 0.0}
     bs = stage_plan.config.batch_size
     records_total = 0
@@ -85,7 +85,7 @@ def run_inprocess(plan, stage_plan, num_shards: int) -> dict[str, float]:
         t = time.perf_counter()
         result = []
         for start in range(0, len(records), bs):
-            result.extend(stage([dict(r) for r in records[start:start + bs]]))
+            result.extend(run_batch(stage, records[start:start + bs]))
         check_contract(records, result, stage_plan.name)
         steps["stage"] += time.perf_counter() - t
         t = time.perf_counter()
@@ -95,7 +95,7 @@ def run_inprocess(plan, stage_plan, num_shards: int) -> dict[str, float]:
         commit_shard(out, i, shard_stats(result, stage_plan.name))
         steps["commit"] += time.perf_counter() - t
         records_total += len(records)
-    stage.close()
+    stop_stage(stage)
     return {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0, "records": records_total, **steps}
 
 
@@ -107,7 +107,8 @@ def run_runner(plan, cfg, num_shards: int) -> dict[str, float]:
     shutil.rmtree(stage_plan.dir, ignore_errors=True)
     t0_wall = time.time()
     t0 = time.perf_counter()
-    progress = runner.execute(plan, cfg, "bench", num_shards)
+    contexts = runner.stage_contexts(plan, cfg, "bench", None)
+    progress = runner.execute(plan, cfg, num_shards, contexts)
     wall = time.perf_counter() - t0
     t_end = time.time()
     markers = list(read_markers(stage_plan.dir).values())
@@ -233,11 +234,11 @@ def child_default_run(out: str) -> None:
                 timings[name] = timings.get(name, 0.0) + time.time() - t
         return wrapper
 
-    from gmner_pipeline import runner
+    from gmner_pipeline import ray_executor
     from gmner_pipeline.cli import app
 
     t_imported = time.time()
-    plain_session = runner.ray_session
+    plain_session = ray_executor.ray_session
 
     @contextlib.contextmanager
     def timed_session(config):  # the runner imports and starts Ray only when some shard needs work
@@ -250,7 +251,7 @@ def child_default_run(out: str) -> None:
         with plain_session(config) as session:
             yield session
 
-    runner.ray_session = timed_session
+    ray_executor.ray_session = timed_session
     try:
         app(["run", "synthesize", "--output", out, "--set", "run.progress=false"], standalone_mode=False)
     finally:

@@ -136,6 +136,7 @@ def coordinate(value: Any) -> float | None:
 # --- writing ---------------------------------------------------------------------------------------------------------
 
 def format_box(box: Sequence[float]) -> str:
+    """``[x1,y1,x2,y2]`` in whole numbers: how every box is written in answers, chains and prompts (the one writer)."""
     return "[" + ",".join(str(int(round(v))) for v in box) + "]"
 
 

@@ -98,7 +98,7 @@ def run_command(
 
     try:
         result = runner.run(cfg, stages, on_progress=on_progress, on_plan=on_plan)
-    except (StageSetupError, runner.RunLockedError, EmptySplitError) as exc:
+    except (ConfigError, StageSetupError, runner.RunLockedError, EmptySplitError) as exc:
         progress.stop()
         _fail(str(exc))
     except OSError as exc:  # the driver's own IO (disk full, a path that is a file) and Ray's connection errors

@@ -158,6 +158,18 @@ RECORD_FIELDS: list[pa.Field] = [
 RECORD_SCHEMA = pa.schema(RECORD_FIELDS, metadata={b"gmner_pipeline.schema_version": SCHEMA_VERSION.encode()})
 FIELD_NAMES = tuple(f.name for f in RECORD_FIELDS)
 
+# Column groups: what stages declare they read and write (Stage.reads / Stage.writes), so that the plan can refuse an
+# order that cannot work before anything runs. The sample's own fields (id, text, tokens, entities, ...) are always
+# there; "image" is there when the source has images (a source's ``provides()``) or a stage wrote it (retrieve).
+COLUMN_GROUPS: dict[str, tuple[str, ...]] = {
+    "image": ("image",),
+    "retrieval": ("retrieval",),
+    "detections": ("detections",),
+    "knowledge": ("knowledge",),
+    "cot": ("cot",),
+    "grpo": ("grpo",),
+}
+
 STATUS_OK, STATUS_DROPPED, STATUS_ERROR = "ok", "dropped", "error"
 GROUNDING_PRESENT, GROUNDING_ABSENT = "present", "absent"
 
@@ -196,10 +208,11 @@ VERSION_KEY = b"gmner_pipeline.schema_version"
 _FOREIGN_COLUMN_PREFIXES = ("__index_level_",)
 
 
-def conform_table(table: pa.Table) -> pa.Table:
-    """Bring a table to RECORD_SCHEMA: one written with an older MINOR version (new nullable fields as null), or one
-    that lost the version metadata on the way through another tool (Ray Data, pandas, DuckDB, polars write their own
-    schema: wider integers, large strings, variable lists, other column order), when its columns conform."""
+def conform_table(table: pa.Table, columns: list[str] | None = None) -> pa.Table:
+    """Bring a table to RECORD_SCHEMA (with ``columns``: to those fields of it, in that order): one written with an
+    older MINOR version (new nullable fields as null), or one that lost the version metadata on the way through
+    another tool (Ray Data, pandas, DuckDB, polars write their own schema: wider integers, large strings, variable
+    lists, another column order), when its columns conform."""
     meta = table.schema.metadata or {}
     if VERSION_KEY in meta:
         version = meta[VERSION_KEY].decode()
@@ -209,34 +222,38 @@ def conform_table(table: pa.Table) -> pa.Table:
                 "rerun the stage that wrote it (its output key changes with the schema major version)"
             )
     else:
-        problem = _columns_problem(table.schema)
+        problem = _columns_problem(table.schema, columns)
         if problem:
             raise SchemaMismatch(f"table carries no gmner_pipeline schema version and does not look like a record "
                                  f"table ({problem}); records need the columns of record schema {SCHEMA_VERSION} "
                                  "(docs/schema.md): keep them when you post-process shards")
-    if table.schema.equals(RECORD_SCHEMA, check_metadata=False):
+    target = RECORD_SCHEMA if columns is None else pa.schema([RECORD_SCHEMA.field(c) for c in columns],
+                                                             metadata=RECORD_SCHEMA.metadata)
+    if table.schema.equals(target, check_metadata=False):
         return table.replace_schema_metadata(RECORD_SCHEMA.metadata)
-    columns = []
-    for field in RECORD_SCHEMA:
+    arrays = []
+    for field in target:
         if field.name in table.column_names:
             try:
-                columns.append(table.column(field.name).cast(field.type))
+                arrays.append(table.column(field.name).cast(field.type))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
                 raise SchemaMismatch(f"column {field.name!r} has type {table.schema.field(field.name).type}, which "
                                      f"does not convert to the record schema's {field.type}: {exc}") from None
         else:
-            columns.append(pa.nulls(table.num_rows, type=field.type))
+            arrays.append(pa.nulls(table.num_rows, type=field.type))
     try:
-        return pa.Table.from_arrays(columns, schema=RECORD_SCHEMA)
+        return pa.Table.from_arrays(arrays, schema=target)
     except pa.ArrowInvalid as exc:  # a null in a required column
         raise SchemaMismatch(f"table does not fit record schema {SCHEMA_VERSION}: {exc}") from None
 
 
-def _columns_problem(schema: pa.Schema) -> str | None:
-    """Why a table without version metadata is not a record table (unknown or missing required columns), or None."""
+def _columns_problem(schema: pa.Schema, columns: list[str] | None = None) -> str | None:
+    """Why a table without version metadata is not a record table (unknown columns, or required ones missing among
+    those asked for), or None."""
     names = [n for n in schema.names if not n.startswith(_FOREIGN_COLUMN_PREFIXES)]
     unknown = sorted(set(names) - set(FIELD_NAMES))
-    missing = [f.name for f in RECORD_FIELDS if not f.nullable and f.name not in names]
+    wanted = set(FIELD_NAMES if columns is None else columns)
+    missing = [f.name for f in RECORD_FIELDS if not f.nullable and f.name in wanted and f.name not in names]
     parts = []
     if unknown:
         parts.append(f"columns not in the schema: {unknown}")

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from ..answer import DEFAULT_TYPES, MAX_ANSWER_CHARS
+from ..configbase import Frozen
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class EvalConfig(_Strict):
+class EvalConfig(Frozen):
     """How predicted triples are matched to gold triples."""
 
     iou_threshold: float = Field(0.5, ge=0.0, le=1.0, description="a box is correct at IoU >= this with any gold box")
@@ -33,7 +30,7 @@ class EvalConfig(_Strict):
                                    "default too); gmner-pipeline eval adds any other type the gold has")
 
 
-class RewardConfig(_Strict):
+class RewardConfig(Frozen):
     """MCR's verifiable rewards (App. D) plus the guards that keep a policy from collecting reward without doing the
     task. The defaults are the safe choices that grpo_filter and the GRPO trainer get by using ``RewardConfig()``;
     ``RewardConfig.mcr()`` gives MCR's rewards as published (no format gate, partial answers scored, means over the
@@ -103,7 +100,7 @@ class RewardConfig(_Strict):
         return cls(**(settings | overrides))
 
 
-class GrpoFilterConfig(_Strict):
+class GrpoFilterConfig(Frozen):
     """MCR App. D.3: keep an item iff std >= min_std, max >= min_max and median_low <= median <= median_high."""
 
     min_std: float = 0.1

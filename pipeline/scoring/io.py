@@ -47,7 +47,10 @@ class Predictions:
 
 def parquet_files(paths: Iterable[Path]) -> list[Path]:
     """Shard files under the given files/folders. A run's output folder (with ``latest.json``) means its final
-    stage's shards, not every stage's."""
+    stage's shards, not every stage's; in a stage folder (with its ``_stage.json``) only committed shards count (a file
+    without its commit marker is being written, or was voided by the runner)."""
+    from ..shards import MANIFEST, committed_shards, is_committed, shard_index
+
     files: list[Path] = []
     for p in paths:
         p = Path(p)
@@ -58,7 +61,13 @@ def parquet_files(paths: Iterable[Path]) -> list[Path]:
                 raise EvalInputError(f"{p / 'latest.json'} has no final_dir ({exc}); pass a stage folder") from exc
             p = final if final.is_absolute() or final.is_dir() else p / final
         if p.is_dir():
-            files += sorted(p.rglob("*.parquet"))
+            if (p / MANIFEST).is_file():
+                files += committed_shards(p)
+                continue
+            for found in sorted(p.rglob("*.parquet")):
+                in_stage_dir = (found.parent / MANIFEST).is_file()
+                if not in_stage_dir or is_committed(found.parent, shard_index(found)):
+                    files.append(found)
         elif p.is_file():
             files.append(p)
         else:
@@ -67,15 +76,13 @@ def parquet_files(paths: Iterable[Path]) -> list[Path]:
 
 
 def read_records(files: Iterable[Path]) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    from ..schema import table_to_records
+    from ..shards import read_records as read_shard
 
     out: list[dict[str, Any]] = []
     where: dict[str, Path] = {}
     for f in files:
         try:
-            records = table_to_records(pq.read_table(f))
+            records = read_shard(f)
         except Exception as exc:
             raise EvalInputError(f"cannot read {f} as a record shard: {exc}") from exc
         for rec in records:

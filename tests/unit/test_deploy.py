@@ -137,7 +137,7 @@ def test_dockerignore_keeps_the_context_small():
     patterns = [line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     context = set(build.exclude_paths(str(REPO_ROOT), patterns, dockerfile="docker/Dockerfile.cpu"))
-    for needed in ("pyproject.toml", "README.md", "pipeline/cli.py", "pipeline/sample/photos.yaml",
+    for needed in ("pyproject.toml", "setup.py", "README.md", "pipeline/cli.py", "pipeline/sample/photos.yaml",
                    "configs/sample.yaml", "stages/passthrough.py", "prompts", "train"):
         assert needed in context, f"{needed} is missing from the build context"
     for kept_out in (".venv", ".git", ".cache", "tests", ".pytest_cache", "gmner-output", "docs"):
