@@ -16,6 +16,7 @@ import uuid
 from typing import Any, Callable, Iterator
 
 from .config import RunConfig
+from .dataset_card import write_dataset_card
 from .hashing import stable_hash
 from .ingest_step import run_ingest
 from .keyed import table_dir
@@ -78,11 +79,26 @@ def execute(plan: RunPlan, config: RunConfig, num_shards: int, contexts: list[St
         remove_stale_temporaries(s.dir)
         remove_stale_temporaries(table_dir(s.dir))  # a keyed stage's table units (keyed.py)
         write_json_atomic(s.dir / MANIFEST, s.manifest())
+        write_dataset_card(s.dir, s.manifest())  # so that datasets.load_dataset(s.dir) reads the shards only
     from .ray_executor import RayExecutor, ray_session
 
     with ray_session(config) as ray:
         executor = RayExecutor(ray, plan.stages, contexts, config.run.actor_restarts)
         return Scheduler(book, executor, config.run.shard_attempts).run(on_progress)
+
+
+def publish(plan: RunPlan, config: RunConfig, run_id: str, ok: bool) -> dict[str, int] | None:
+    """Rebuild ``<output>/dataset`` (D1, D2, D2_filtered) when the run wrote CoT chains and every shard completed."""
+    writes = set().union(*(s.cls.writes for s in plan.stages)) if plan.stages else set()
+    if "cot" not in writes:
+        return None
+    if not ok:
+        log.warning("dataset not republished: some shards failed (rerun the same command to finish them)")
+        return None
+    from .publish import publish_dataset
+
+    return publish_dataset(plan.final_dir, plan.output_dir, config.dataset, with_filtered="grpo" in writes,
+                           run_id=run_id)
 
 
 def run(config: RunConfig, stages: list[str] | None = None,
@@ -107,8 +123,11 @@ def run(config: RunConfig, stages: list[str] | None = None,
                     s.cls.preflight_llm(s.config, llm)
             contexts = stage_contexts(plan, config, run_id, llm)
             progress = execute(plan, config, ingest["num_shards"], contexts, on_progress)
+        dataset = publish(plan, config, run_id, ok=not any(sp.failed for sp in progress.values()))
         result = RunResult(run_id, plan, progress, ingest, time.perf_counter() - t0)
         summary = run_summary(result)
+        if dataset is not None:
+            summary["dataset"] = dataset
         write_json_atomic(out / "runs" / run_id / "summary.json", summary)
         write_json_atomic(out / "latest.json", summary)
     return result

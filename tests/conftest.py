@@ -46,7 +46,8 @@ def ray_local():
     """One real local Ray instance for the session; the runner reuses an initialised Ray."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
+        # address="local": a new instance even when `ray start` ran on this machine (or left a stale address file)
+        ray.init(address="local", num_cpus=2, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
                  logging_level="WARNING")
     yield ray
     ray.shutdown()
