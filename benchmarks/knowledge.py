@@ -215,6 +215,8 @@ async def _raw(items: dict[str, dict[str, Any]], cfg: dict[str, Any], llm: dict[
             if len(usable) < kc.min_generators or not any(a.aspects for a in usable):
                 return
             required = required_support(len(usable), kc.agreement, kc.min_support)
+            if not any(sum(n in a.aspects for a in usable) >= required for n in template.aspect_names):
+                return
             vote_text, cut = await call(kc.voter, voter_messages(
                 item["entity"], template, [(a.label, a.fine_type_raw, a.aspects) for a in usable], required,
                 max_entity_chars=kc.max_entity_chars, max_answer_chars=kc.max_answer_chars), kc.voter_max_tokens,

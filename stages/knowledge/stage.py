@@ -13,7 +13,8 @@ that mentions it. Per entity:
 3. The summary role rewrites the kept aspects as appearance-only text within ``summary_max_tokens``.
 
 Counters (``status`` and the end-of-run summary): ``generator_failed:<why>``, ``entity_failed:<why>``,
-``vote_rejected:<rule>``, ``fine_type_invalid``, ``all_non_answers``, ``no_agreed_aspects``, ``skipped:<why>``,
+``vote_rejected:<rule>``, ``fine_type_invalid``, ``all_non_answers``, ``no_aspect_can_agree`` (no vote asked),
+``no_agreed_aspects``, ``skipped:<why>``,
 ``summary_truncated``, ...; in the join pass ``records_without_entities`` and ``records_failed``.
 """
 
@@ -189,6 +190,10 @@ class KnowledgeStage(Stage):
             return self._finish(value, fine_type, support, mapping, STATUS_NO_AGREEMENT)
 
         required = required_support(len(usable), cfg.agreement, cfg.min_support)
+        if not any(sum(name in a.aspects for a in usable) >= required for name in template.aspect_names):
+            self.count("no_aspect_can_agree")  # the vote could keep nothing: do not ask it
+            value["notes"].append(f"no aspect was stated by {required} generators: nothing to vote on")
+            return self._finish(value, fine_type, support, mapping, STATUS_NO_AGREEMENT)
         vote = await self._vote(entity, template, usable, required, value)
         if vote is None:
             return value  # failed: _vote set the error

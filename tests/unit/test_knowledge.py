@@ -143,12 +143,23 @@ def test_all_non_answers_give_no_knowledge_and_no_vote_or_summary_call():
     assert counters["all_non_answers"] == 1
 
 
-def test_no_agreement_after_the_vote():
+def test_no_vote_is_asked_when_no_aspect_can_reach_the_agreement():
     gens = [person(gender="A man."), person(hair="Red hair."), person(face="Round face.")]
+    with fakes(gens, "{}") as (llm, servers):
+        counters: dict[str, int] = {}
+        out = run([KEVIN], llm, counters)
+        assert servers[3].calls == 0 and servers[4].calls == 0  # each aspect stated by one model only
+    item = out[0]["knowledge"][0]
+    assert item["status"] == "no_agreement" and counters["no_aspect_can_agree"] == 1
+    assert any("stated by 2 generators" in n for n in item["notes"])
+
+
+def test_no_agreement_after_the_vote():
+    gens = [person(gender="A man."), person(gender="Male."), person(face="Round face.")]
     with fakes(gens, json.dumps({"fine_type": "athlete", "aspects": []})) as (llm, servers):
         counters: dict[str, int] = {}
         out = run([KEVIN], llm, counters)
-        assert servers[4].calls == 0  # nothing to summarise
+        assert servers[3].calls == 1 and servers[4].calls == 0  # voted, nothing kept: nothing to summarise
     assert out[0]["knowledge"][0]["status"] == "no_agreement" and counters["no_agreed_aspects"] == 1
 
 
