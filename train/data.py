@@ -30,7 +30,7 @@ import yaml
 from .. import student
 from ..answer import format_answer, gold_triples
 from ..frames import FrameError, frame_extent, model_image_size
-from ..schema import STATUS_OK
+from ..schema import GROUNDING_ABSENT, STATUS_OK
 from ..shards import committed_indices, read_json, read_records, shard_path
 from ..splits import DatasetConfig, dataset_split, is_training_record
 from ..student import StudentPromptConfig
@@ -245,6 +245,9 @@ def grpo_rows(records: Iterable[dict[str, Any]], prompt: StudentPromptConfig, st
     """One GRPO prompt per record: ``messages`` (JSON), ``gold`` (the answer in ORIGINAL pixels: the reward maps
     completions back before comparing) and the original image size."""
     for record in records:
+        if record.get("grounding_labels") == GROUNDING_ABSENT:
+            stats.skipped["grounding_absent"] += 1  # visibility unknown: the reward would punish a right answer
+            continue
         try:
             messages = json.dumps(student.build_messages(record, prompt), ensure_ascii=False)
         except ValueError as exc:

@@ -113,6 +113,11 @@ def load_policy(spec: ModelSpec, device_map: Any = None) -> Policy:
     else:
         model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, **model_kwargs)
         processor = AutoTokenizer.from_pretrained(spec.name_or_path, **kwargs)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if spec.gguf_file and quantizer is not None:
+        # a GGUF checkpoint is dequantised at load (plain float weights), but transformers keeps its loader as the
+        # model's "quantizer", which the Trainer refuses to train: drop the mark, through transformers' own call
+        quantizer.remove_quantization_config(model)
     tokenizer = getattr(processor, "tokenizer", processor)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -128,10 +128,12 @@ def test_datasets_in_memory_and_streamed(tmp_path):
 
 
 def test_grpo_rows_hold_the_gold_in_original_pixels(tmp_path):
-    stage = write_stage(tmp_path / "stage", [toy_record(0, cot_split="D2", grpo={"keep": True})])
+    records = [toy_record(0, cot_split="D2", grpo={"keep": True}),
+               toy_record(1, cot_split="D2", grpo={"keep": True}, grounding_labels="absent")]
+    stage = write_stage(tmp_path / "stage", records)
     ds, stats = grpo_dataset([stage], TEXT, DataConfig(splits=["D2"], require_grpo_keep=True))
-    assert ds[0]["gold"] == ANSWER and (ds[0]["width"], ds[0]["height"]) == (100, 80)
-    assert stats.examples == 1
+    assert len(ds) == 1 and ds[0]["gold"] == ANSWER and (ds[0]["width"], ds[0]["height"]) == (100, 80)
+    assert stats.examples == 1 and stats.skipped == {"grounding_absent": 1}  # boxes unknown: no reward possible
 
 
 def test_presets_load_and_validate():
