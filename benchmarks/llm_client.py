@@ -127,7 +127,7 @@ class _FakeInChild:
 
 
 def _serve_fake(queue: Any) -> None:
-    from gmner_pipeline.llm.testing import FakeOpenAI
+    from gmner_pipeline.testing import FakeOpenAI
 
     srv = FakeOpenAI(model="fake", completion_tokens=16).start()
     queue.put(srv.port)
@@ -140,7 +140,8 @@ def start_server(kind: str) -> tuple[Any, str, str, dict]:
         fake = _FakeInChild()
         return fake, f"http://127.0.0.1:{fake.port}/v1", "fake", {}
     if kind == "vllm":
-        from gmner_pipeline.llm.tiny_vllm import MODEL_NAME, ensure_vllm, start_vllm
+        sys.path.insert(0, str(REPO / "tests"))  # the vLLM test server is a test helper, not part of the product
+        from support.tiny_vllm import MODEL_NAME, ensure_vllm, start_vllm
 
         root = REPO / ".cache" / "vllm"
         ensure_vllm(root)

@@ -92,7 +92,7 @@ def run_command(
 
     try:
         result = runner.run(cfg, stages, on_progress=on_progress, on_plan=on_plan)
-    except (StageSetupError, runner.RunLockedError, FileNotFoundError) as exc:
+    except (ConfigError, StageSetupError, runner.RunLockedError, FileNotFoundError) as exc:
         progress.stop()
         _fail(str(exc))
     except KeyboardInterrupt:

@@ -8,34 +8,25 @@ so every key anywhere in the file is checked before anything runs.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from .configbase import ConfigError, Strict
 from .llm.config import LLMConfig
 from .splits import DatasetConfig
 from .stage import StageConfig
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"  # source checkout; installed: gmner_pipeline/configs
-
-
-class ConfigError(ValueError):
-    """The config cannot be used; the message says where and what to do."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+__all__ = ["ConfigError", "RunConfig", "load_config", "parse_override", "bundled_config_path"]
 
 
 # --- sources ---------------------------------------------------------------------------------------------------------
 
-class TwitterGmnerSource(_Strict):
+class TwitterGmnerSource(Strict):
     """Twitter-GMNER layout: ``<path>/txt/{split}.txt`` (CoNLL with IMGID lines) and ``<path>/xml/<id>.xml``."""
 
     kind: Literal["twitter_gmner"] = "twitter_gmner"
@@ -53,16 +44,23 @@ class TwitterGmnerSource(_Strict):
             raise ValueError(f"a split appears twice: {splits}")
         return splits
 
+    def provides(self) -> frozenset[str]:
+        """Column groups (schema.COLUMN_GROUPS) the source fills: images only with an ``image_dir``."""
+        return frozenset({"image"}) if self.image_dir else frozenset()
 
-class SampleSource(_Strict):
+
+class SampleSource(Strict):
     """The small sample that ships inside the package (photos materialised from scikit-image / matplotlib)."""
 
     kind: Literal["sample"] = "sample"
     name: str = "gmner-sample"
     limit: int | None = Field(None, ge=1)
 
+    def provides(self) -> frozenset[str]:
+        return frozenset({"image"})
 
-class ConllSource(_Strict):
+
+class ConllSource(Strict):
     """A text-only CoNLL BIO file (token<TAB or space>label per line), with a label mapping to the target types."""
 
     kind: Literal["conll"] = "conll"
@@ -77,13 +75,16 @@ class ConllSource(_Strict):
     strict_labels: bool = Field(False, description="error on a label that label_map does not cover")
     limit: int | None = Field(None, ge=1)
 
+    def provides(self) -> frozenset[str]:
+        return frozenset()  # text only: retrieve pairs sentences with images
+
 
 Source = Annotated[Union[TwitterGmnerSource, SampleSource, ConllSource], Field(discriminator="kind")]
 
 
 # --- run -------------------------------------------------------------------------------------------------------------
 
-class RunSettings(_Strict):
+class RunSettings(Strict):
     output_dir: str = Field("gmner-output", description="where shards, markers, the resolved config and reports go")
     shard_size: int = Field(256, ge=1, description="records per shard: the unit of work and of recovery")
     seed: int = 0
@@ -95,7 +96,7 @@ class RunSettings(_Strict):
     actor_restarts: int = Field(3, ge=0, description="Ray restarts of a dead stage worker (each retries its shard)")
 
 
-class RunConfig(_Strict):
+class RunConfig(Strict):
     run: RunSettings = Field(default_factory=RunSettings)
     source: Source = Field(default_factory=SampleSource)
     pipeline: list[str] = Field(default_factory=lambda: ["template_cot"], description="stages to run, in order")
@@ -249,9 +250,3 @@ def _explain(exc: ValidationError, path: Path | None) -> str:
         else:
             lines.append(f"  {loc or '(root)'}: {err['msg']}")
     return "\n".join(lines)
-
-
-def stable_hash(payload: Any, length: int = 16) -> str:
-    """sha256 of a JSON-serialisable payload, canonicalised (sorted keys), first ``length`` hex digits."""
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:length]

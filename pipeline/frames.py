@@ -21,7 +21,10 @@ import math
 import re
 from typing import Callable, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from .answer import format_box
+from .configbase import Frozen
 
 Box = tuple[float, float, float, float]
 FrameKind = Literal["original", "qwen2_5_vl", "qwen2_vl", "normalized"]
@@ -37,10 +40,9 @@ class FrameError(ValueError):
     """An image or box that cannot be put into the frame (zero size, extreme aspect ratio)."""
 
 
-class FrameConfig(BaseModel):
+class FrameConfig(Frozen):
     """The coordinate frame a model reads and writes boxes in (a property of the model's role)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     kind: FrameKind = Field("original", description="original | qwen2_5_vl | qwen2_vl | normalized")
     factor: int = Field(QWEN_FACTOR, ge=1, description="qwen2_5_vl: sides are multiples of this")
     min_pixels: int = Field(QWEN_MIN_PIXELS, ge=1, description="qwen2_5_vl: smallest image area the model sees")
@@ -163,9 +165,9 @@ def map_box_literals(text: str, mapper: Callable[[Box], Box | None]) -> str:
 
     def sub(m: re.Match) -> str:
         box = mapper(tuple(float(v) for v in m.groups()))  # type: ignore[arg-type]
-        if box is None:
-            return m.group(0)
-        return "[" + ",".join(str(int(round(v))) for v in box) + "]"
+        if box is None or not all(math.isfinite(v) for v in box):  # None, or a number too large for a float
+            return m.group(0)  # (model output): left as written
+        return format_box(box)
 
     return _BOX_LITERAL.sub(sub, text)
 

@@ -1,10 +1,13 @@
-"""Content hashes of model files: identities for lineage, stage keys and the LLM cache."""
+"""Hashes: of JSON payloads (stage keys, config hashes) and of files and folders (model identities for lineage,
+stage keys and the LLM cache)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 _MEMO: dict[tuple[str, int, int], str] = {}
 
@@ -34,3 +37,9 @@ def dir_sha256(path: str | os.PathLike[str]) -> str:
         h.update(file.relative_to(root).as_posix().encode() + b"\0")
         h.update(file_sha256(file).encode())
     return h.hexdigest()
+
+
+def stable_hash(payload: Any, length: int = 16) -> str:
+    """sha256 of a JSON-serialisable payload, canonicalised (sorted keys), first ``length`` hex digits."""
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]

@@ -6,16 +6,16 @@ from __future__ import annotations
 import base64
 import html
 import io
+from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from .answer import format_box
 from .report import load_latest
-from .runner import stage_totals
-from .schema import table_to_records
-from .shards import SHARD_GLOB
+from .summary import stage_totals
+from .shards import iter_committed_records
 
 THUMB = 480
 CSS = """
@@ -25,16 +25,6 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding
 .ok{color:#070}.dropped{color:#a60}.error{color:#b00}pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em}
 .gold{color:#0a0;font-weight:bold}.det{color:#06c}
 """
-
-
-def _iter_records(stage_dir: Path, limit: int) -> Iterator[dict[str, Any]]:
-    n = 0
-    for path in sorted(stage_dir.glob(SHARD_GLOB)):
-        for rec in table_to_records(pq.read_table(path)):
-            yield rec
-            n += 1
-            if n >= limit:
-                return
 
 
 def _drawable(box: Any) -> bool:
@@ -76,7 +66,7 @@ def _record_html(rec: dict[str, Any]) -> str:
     left = f'<img src="{img}">' if img else "<p><i>no image on disk</i></p>"
     def location(ent: dict[str, Any]) -> str:
         if ent.get("boxes"):
-            return "<span class='gold'>" + e(" ".join(str([round(v) for v in b]) for b in ent["boxes"])) + "</span>"
+            return "<span class='gold'>" + e(" ".join(format_box(b) for b in ent["boxes"])) + "</span>"
         return "not visible" if rec.get("grounding_labels") == "present" else "<i>unknown</i>"
 
     rows = "".join(f"<tr><td>{e(x['text'])}</td><td>{e(x['type'])}</td><td>{e(x.get('fine_type') or '')}</td>"
@@ -114,7 +104,7 @@ def render_html(output_dir: str | Path, limit: int = 50, stage: str | None = Non
         counts.append(f"<tr><td>{html.escape(c['stage'])}</td><td>{t['shards']}</td><td>{t['records_in']}</td>"
                       f"<td>{t['records_ok']}</td><td>{t['records_dropped']}</td><td>{t['records_error']}</td>"
                       f"<td>{html.escape(reasons)}</td></tr>")
-    body = "".join(_record_html(r) for r in _iter_records(Path(entry["dir"]), limit))
+    body = "".join(_record_html(r) for r in islice(iter_committed_records(entry["dir"]), limit))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>gmner-pipeline {html.escape(str(output_dir))}"
             f"</title><style>{CSS}</style></head><body><h1>{html.escape(str(output_dir))}</h1>"
             f"<p>run {html.escape(latest['run_id'])}; records below from stage <b>{html.escape(entry['stage'])}</b> "

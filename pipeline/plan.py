@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, _did_you_mean, stable_hash
+from .config import ConfigError, RunConfig, _did_you_mean
+from .hashing import stable_hash
 from .schema import SCHEMA_MAJOR
 from .stage import Stage, StageConfig
 
@@ -96,21 +97,50 @@ def source_fingerprint(source: Any) -> str:
 
 
 def llm_key_payload(config: RunConfig, roles: set[str]) -> dict[str, Any] | None:
-    """What of the ``llm`` section decides an LLM-driven stage's answers: per role the model identity (with its
-    revision) and the sampling, plus how images are sent. Endpoint URLs, concurrency, retries and the cache location
-    are left out: moving to other replicas of the same model reuses the outputs, a new teacher recomputes them."""
+    """What of the ``llm`` section decides an LLM-driven stage's answers: per role the model identity
+    (``llm.identity.role_identity``: the same string the lineage and the request cache use) and the sampling, plus how
+    images are sent. Endpoint URLs, concurrency, retries and the cache location are left out: moving to other
+    replicas of the same model reuses the outputs, a new teacher (or another GGUF, another adapter) recomputes them."""
     if not roles:
         return None
     from gmner_pipeline.llm.config import LLMConfig
+    from gmner_pipeline.llm.identity import role_identity
 
     llm = LLMConfig.coerce(config.llm)
     payload: dict[str, Any] = {"images": llm.images.model_dump(mode="json"), "roles": {}}
     for role in sorted(roles):
         rc = llm.role(role)
-        model = rc.identity() if rc.endpoints or rc.model_id else f"embedded:{llm.embedded.model_name}"
-        payload["roles"][role] = {"model": model, "sampling": rc.sampling.model_dump(mode="json"),
+        payload["roles"][role] = {"model": role_identity(rc, llm), "sampling": rc.sampling.model_dump(mode="json"),
                                   "n_mode": rc.n_mode}
     return payload
+
+
+def check_order(config: RunConfig, stages: list[tuple[str, type[Stage], StageConfig]]) -> None:
+    """Refuse, before anything runs, a pipeline in which a stage reads a column group that neither the source nor an
+    earlier stage provides (annotate on a source without images, distill before knowledge)."""
+    available = set(config.source.provides())
+    for name, cls, cfg in stages:
+        missing = sorted(cls.reads_for(cfg) - available)
+        if missing:
+            source = config.source.kind
+            if "image" in missing and source == "twitter_gmner":
+                source += " without source.image_dir"
+            raise ConfigError(f"stage {name!r} reads {', '.join(missing)}, which neither the source ({source}) nor a "
+                              f"stage before it in the pipeline provides{_writers_hint(missing)}")
+        available |= cls.writes
+
+
+def _writers_hint(groups: list[str]) -> str:
+    from gmner_pipeline.stages import STAGES, load_stage
+
+    writers = []
+    for name in STAGES:
+        try:
+            if load_stage(name).writes & set(groups):
+                writers.append(name)
+        except ImportError:
+            continue
+    return f": put {' or '.join(repr(w) for w in writers)} before it" if writers else ""
 
 
 def plan_run(config: RunConfig, stages: list[str] | None = None) -> RunPlan:
@@ -128,12 +158,15 @@ def plan_run(config: RunConfig, stages: list[str] | None = None) -> RunPlan:
     names = stages if stages is not None else config.pipeline
     plans: list[StagePlan] = []
     upstream = ingest_key
-    for name in names:
-        cls = load_stage(name)
+    classes = [(name, load_stage(name)) for name in names]
+    check_order(config, [(name, cls, config.stages.get(name) or cls.Config()) for name, cls in classes])
+    for name, cls in classes:
         cfg = config.stages.get(name) or cls.Config()
-        key = stable_hash({"stage": name, "version": cls.version, "schema_major": SCHEMA_MAJOR,
-                           "config": cfg.key_payload(), "upstream": upstream, "seed": config.run.seed,
-                           "llm": llm_key_payload(config, cls.llm_roles(cfg))})
+        payload = {"stage": name, "version": cls.version, "schema_major": SCHEMA_MAJOR, "config": cfg.key_payload(),
+                   "upstream": upstream, "seed": config.run.seed, "llm": llm_key_payload(config, cls.llm_roles(cfg))}
+        if "cot" in cls.writes:  # cot.split is the D1/D2 assignment: the dataset section decides it
+            payload["dataset"] = config.dataset.model_dump(mode="json")
+        key = stable_hash(payload)
         plans.append(StagePlan(name, cls, cfg, key, upstream, out / name / key))
         upstream = key
     return RunPlan(out, ingest, plans)

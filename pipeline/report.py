@@ -6,15 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .runner import RunResult, stage_totals
-from .schema import table_to_records
-from .shards import SHARD_GLOB, read_json
+from .summary import RunResult, stage_totals
+from .answer import format_box
+from .shards import iter_committed_tables, read_json
 
 
 class OutputNotFound(FileNotFoundError):
@@ -37,7 +36,7 @@ def status_table(output_dir: str | Path) -> Table:
     latest = load_latest(output_dir)
     table = Table(title=f"{output_dir}  (run {latest['run_id']})", title_justify="left")
     for col in ("stage", "key", "shards", "records in", "ok", "dropped", "errors", "drops by reason",
-                "errors by stage"):
+                "errors by stage", "stage counters"):
         table.add_column(col, overflow="fold",
                          justify="right" if col in {"shards", "records in", "ok", "dropped", "errors"} else "left")
     total_shards = latest["ingest"]["num_shards"]
@@ -45,23 +44,24 @@ def status_table(output_dir: str | Path) -> Table:
         t = stage_totals(Path(entry["dir"]))
         table.add_row(entry["stage"], entry["key"][:10], f"{t['shards']}/{total_shards}", str(t["records_in"]),
                       str(t["records_ok"]), str(t["records_dropped"]), str(t["records_error"]),
-                      _reasons(t["drop_reasons"]), _reasons(t["errors_by_stage"]))
+                      _reasons(t["drop_reasons"]), _reasons(t["errors_by_stage"]), _reasons(t["counters"]))
     return table
 
 
 def summary_table(result: RunResult) -> Table:
     table = Table(title=f"run {result.run_id}: {result.seconds:.1f} s", title_justify="left")
-    for col in ("stage", "shards done", "reused", "records in", "ok", "dropped", "errors", "records/s"):
+    for col in ("stage", "shards done", "reused", "records in", "ok", "dropped", "errors", "records/s",
+                "stage counters"):
         table.add_column(col, overflow="fold", justify="left" if col == "stage" else "right")
     ing = result.ingest
     table.add_row("ingest", f"{ing['num_shards']}/{ing['num_shards']}", "", str(ing["records_in"]),
-                  str(ing["records_ok"]), "0", str(ing["records_error"]), "")
+                  str(ing["records_ok"]), "0", str(ing["records_error"]), "", "")
     for s in result.plan.stages:
         sp = result.stages[s.name]
         t = stage_totals(s.dir)
         table.add_row(s.name, f"{sp.done}/{sp.total}", str(sp.done - sp.processed_now), str(t["records_in"]),
                       str(t["records_ok"]), str(t["records_dropped"]), str(t["records_error"]),
-                      f"{sp.records_per_s:.1f}" if sp.processed_now else "-")
+                      f"{sp.records_per_s:.1f}" if sp.processed_now else "-", _reasons(t["counters"]))
     return table
 
 
@@ -72,19 +72,14 @@ def find_record(output_dir: str | Path, record_id: str, stage: str | None = None
     if not entries:
         raise KeyError(f"stage {stage!r} is not in the last run; stages: {[e['stage'] for e in chain]}")
     for entry in entries:
-        for path in sorted(Path(entry["dir"]).glob(SHARD_GLOB)):
-            table = pq.read_table(path)
+        for path, table in iter_committed_tables(entry["dir"]):
             hit = table.filter(pc.equal(table.column("id"), record_id))
             if hit.num_rows:
-                rec = table_to_records(hit)[0]
+                rec = hit.to_pylist()[0]
                 rec["_stage"] = entry["stage"]
                 rec["_shard"] = str(path)
                 return rec
     raise KeyError(f"no record with id {record_id!r} in {output_dir}; ids look like 'twitter-gmner-v2/train/71044'")
-
-
-def _box(box: Any) -> str:
-    return "[" + ",".join(f"{v:.0f}" for v in box) + "]"
 
 
 def record_view(rec: dict[str, Any]) -> Group:
@@ -105,7 +100,7 @@ def record_view(rec: dict[str, Any]) -> Group:
                           f"grounding labels: {rec.get('grounding_labels')}"))
     ents = Table("entity", "type", "fine type", "tokens", "boxes", title="entities", title_justify="left")
     for e in rec.get("entities") or []:
-        boxes = " ".join(_box(b) for b in e.get("boxes") or []) or (
+        boxes = " ".join(format_box(b) for b in e.get("boxes") or []) or (
             "not visible" if rec.get("grounding_labels") == "present" else "unknown")
         ents.add_row(e["text"], e["type"], e.get("fine_type") or "", f"{e['start']}:{e['end']}", boxes)
     parts.append(ents)

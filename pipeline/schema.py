@@ -158,6 +158,18 @@ RECORD_FIELDS: list[pa.Field] = [
 RECORD_SCHEMA = pa.schema(RECORD_FIELDS, metadata={b"gmner_pipeline.schema_version": SCHEMA_VERSION.encode()})
 FIELD_NAMES = tuple(f.name for f in RECORD_FIELDS)
 
+# Column groups: what stages declare they read and write (Stage.reads / Stage.writes), so that the plan can refuse an
+# order that cannot work before anything runs. The sample's own fields (id, text, tokens, entities, ...) are always
+# there; "image" is there when the source has images (a source's ``provides()``) or a stage wrote it (retrieve).
+COLUMN_GROUPS: dict[str, tuple[str, ...]] = {
+    "image": ("image",),
+    "retrieval": ("retrieval",),
+    "detections": ("detections",),
+    "knowledge": ("knowledge",),
+    "cot": ("cot",),
+    "grpo": ("grpo",),
+}
+
 STATUS_OK, STATUS_DROPPED, STATUS_ERROR = "ok", "dropped", "error"
 GROUNDING_PRESENT, GROUNDING_ABSENT = "present", "absent"
 
@@ -191,8 +203,9 @@ def table_to_records(table: pa.Table) -> list[dict[str, Any]]:
     return conform_table(table).to_pylist()
 
 
-def conform_table(table: pa.Table) -> pa.Table:
-    """Bring a table written with an older MINOR version up to RECORD_SCHEMA (new nullable fields as null)."""
+def conform_table(table: pa.Table, columns: list[str] | None = None) -> pa.Table:
+    """Bring a table written with an older MINOR version up to RECORD_SCHEMA (new nullable fields as null); with
+    ``columns``, up to those fields of it, in that order."""
     meta = table.schema.metadata or {}
     version = meta.get(b"gmner_pipeline.schema_version", b"0.0").decode()
     major = int(version.split(".")[0])
@@ -201,12 +214,14 @@ def conform_table(table: pa.Table) -> pa.Table:
             f"shard written with record schema {version}, this gmner-pipeline reads {SCHEMA_VERSION}; "
             "rerun the stage that wrote it (its output key changes with the schema major version)"
         )
-    if table.schema.equals(RECORD_SCHEMA, check_metadata=False):
+    target = RECORD_SCHEMA if columns is None else pa.schema([RECORD_SCHEMA.field(c) for c in columns],
+                                                             metadata=RECORD_SCHEMA.metadata)
+    if table.schema.equals(target, check_metadata=False):
         return table.replace_schema_metadata(RECORD_SCHEMA.metadata)
-    columns = []
-    for field in RECORD_SCHEMA:
+    arrays = []
+    for field in target:
         if field.name in table.column_names:
-            columns.append(table.column(field.name).cast(field.type))
+            arrays.append(table.column(field.name).cast(field.type))
         else:
-            columns.append(pa.nulls(table.num_rows, type=field.type))
-    return pa.Table.from_arrays(columns, schema=RECORD_SCHEMA)
+            arrays.append(pa.nulls(table.num_rows, type=field.type))
+    return pa.Table.from_arrays(arrays, schema=target)

@@ -5,18 +5,26 @@ into place, followed by ``shard-<i>.done.json`` (the commit marker, holding the 
 marker counts as done: a crash between the rename and the marker just redoes that shard, and since the file name is
 fixed by the input shard, a redo replaces the file instead of adding a second copy. That is what makes runs
 exactly-once at the record level.
+
+Readers of a stage's output read only committed shards (``committed_shards`` and the iterators built on it): a file
+without its marker is a shard being written, or one the runner voided, and is never data. When the runner voids a
+downstream shard (its input is about to be recomputed), ``void_shard`` removes the marker first, then the file.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import TMP_MARK, atomic_open, write_bytes_atomic
-from .schema import records_to_table, table_to_records
+from .schema import RECORD_SCHEMA, conform_table, records_to_table
+
+if TYPE_CHECKING:
+    import datasets
 
 SHARD_GLOB = "shard-*.parquet"
 MANIFEST = "_stage.json"
@@ -56,10 +64,19 @@ def write_records(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
     return table.num_rows
 
 
+def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """One shard file as a table with the record schema (or its ``columns``), older MINOR versions brought up to date;
+    raises ``schema.SchemaMismatch`` for another MAJOR version."""
+    if columns is None:
+        return conform_table(pq.read_table(path))
+    present = set(pq.read_schema(path).names)
+    table = pq.read_table(path, columns=[c for c in columns if c in present])
+    return conform_table(table, columns)
+
+
 def read_records(path: str | Path, columns: list[str] | None = None) -> list[dict[str, Any]]:
-    if columns is not None:
-        return pq.read_table(path, columns=columns).to_pylist()
-    return table_to_records(pq.read_table(path))
+    """One shard file's records (committed or not: use ``iter_committed_records`` to read a stage's output)."""
+    return read_table(path, columns).to_pylist()
 
 
 def commit_shard(stage_dir: str | Path, index: int, stats: dict[str, Any]) -> None:
@@ -78,14 +95,62 @@ def committed_indices(stage_dir: str | Path) -> set[int]:
 
 
 def read_markers(stage_dir: str | Path) -> dict[int, dict[str, Any]]:
+    """The commit markers (shard stats) of the committed shards, by shard index."""
     stage_dir = Path(stage_dir)
     out = {}
     for p in sorted(stage_dir.glob("shard-*.done.json")):
+        index = shard_index(p)
+        if not shard_path(stage_dir, index).is_file():
+            continue
         try:
-            out[shard_index(p)] = read_json(p)
+            out[index] = read_json(p)
         except (OSError, ValueError):
             continue  # a marker is written atomically; an unreadable one is treated as absent
     return out
+
+
+def void_shard(stage_dir: str | Path, index: int) -> None:
+    """Un-commit a shard: the marker goes first (so a crash in between leaves an uncommitted file, which readers
+    ignore and the next run overwrites), then the file."""
+    marker_path(stage_dir, index).unlink(missing_ok=True)
+    shard_path(stage_dir, index).unlink(missing_ok=True)
+
+
+# --- reading a stage's output: committed shards only -----------------------------------------------------------------
+
+def committed_shards(stage_dir: str | Path) -> list[Path]:
+    """The shard files of a stage folder that carry their commit marker, in shard order."""
+    stage_dir = Path(stage_dir)
+    return [shard_path(stage_dir, i) for i in sorted(committed_indices(stage_dir))]
+
+
+def iter_committed_tables(stage_dir: str | Path, columns: list[str] | None = None) -> Iterator[tuple[Path, pa.Table]]:
+    """``(shard file, table)`` for every committed shard of a stage folder, in shard order."""
+    for path in committed_shards(stage_dir):
+        yield path, read_table(path, columns)
+
+
+def iter_committed_records(stage_dir: str | Path, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Every record of a stage's committed output, shard by shard (memory: one shard at a time)."""
+    for _, table in iter_committed_tables(stage_dir, columns):
+        yield from table.to_pylist()
+
+
+def committed_table(stage_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """A stage's committed output as one Arrow table with the record schema (or its ``columns``)."""
+    tables = [table for _, table in iter_committed_tables(stage_dir, columns)]
+    if tables:
+        return pa.concat_tables(tables)
+    schema = RECORD_SCHEMA if columns is None else pa.schema([RECORD_SCHEMA.field(c) for c in columns])
+    return schema.empty_table()
+
+
+def committed_dataset(stage_dir: str | Path, columns: list[str] | None = None) -> "datasets.Dataset":
+    """A stage's committed output as a Hugging Face ``datasets.Dataset`` (in memory), e.g. for train/."""
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    return Dataset(InMemoryTable(committed_table(stage_dir, columns)))
 
 
 def remove_stale_temporaries(stage_dir: str | Path) -> int:

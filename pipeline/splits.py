@@ -14,16 +14,17 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from .configbase import Strict
 
 D1, D2 = "D1", "D2"
 TrainingSplit = Literal["D1", "D2"]
 
 
-class DatasetConfig(BaseModel):
+class DatasetConfig(Strict):
     """The ``dataset:`` section of a run config."""
 
-    model_config = ConfigDict(extra="forbid")
     d1_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of the training records that go to D1 (SFT); "
                                "the rest is D2 (GRPO). MCR does not state its split (project decision: 0.5)")
     split_seed: int | None = Field(None, description="seed of the D1/D2 assignment (default: run.seed)")

@@ -1,30 +1,40 @@
-"""What a stage is, for the runner.
+"""What a stage is (the contract; docs/writing-a-stage.md is the one-screen guide).
 
 A stage is a module in ``stages/`` with pure functions over records (prompt building, parsing, scoring, keep/drop
-decisions) plus one small class that subclasses ``Stage``:
+decisions) plus one small ``Stage`` subclass:
 
 * ``name`` / ``version``: the version is part of the stage's output key; bump it when the output would change.
 * ``Config``: a pydantic model (subclass of ``StageConfig``) for the stage's section of the YAML config.
-* ``preflight(config)``: a classmethod the driver calls BEFORE the run starts; raise ``StageSetupError`` with a message
-  that says what to do (e.g. "weights not found at X: download them with ..."), never fall back to random weights.
-* ``setup()``: load models / open clients, once per worker process.
-* ``__call__(records) -> records``: process one batch. Return every input record (same ids, same count): put failures
-  on the record (``mark_error``), drops as ``mark_dropped``, never lose a record. Records whose status is not ``ok``
-  arrive too and must be passed through untouched (``active`` helps).
-* ``close()``: release resources.
+* ``reads`` / ``writes``: the column groups (``schema.COLUMN_GROUPS``) it needs and fills; the plan refuses a pipeline
+  whose order cannot provide what a stage reads, before anything runs.
+* ``preflight(config)`` (classmethod, in the driver, before the run): raise ``StageSetupError`` saying what to do.
+* ``llm_roles(config)`` (classmethod): the LLM roles it calls; the runner makes each one reachable.
+* ``setup()``: load models, open clients; once per worker process. ``close()``: release them (safe without setup).
+* ``process(records)`` or ``async aprocess(records)``: work on the records it is handed and return them (same ids).
 
-Stage modules must not import Ray: the runner (``gmner_pipeline.runner``) wraps the class into a Ray actor pool with
-the resources from ``config.resources``. That keeps stages testable as plain Python.
+The framework (``Stage.__call__``, used by the runner and ``gmner_pipeline.testing.run_stage``) hands ``process`` only
+the records whose status is ok (and that ``accepts``), passes the others through untouched, and appends each handled
+record's lineage entry, with the usage the stage reported through ``self.usage(record, ...)``. ``aprocess`` runs on
+the worker's one event loop (``self.llm``), shared by every LLM role of the stage.
+
+Stage modules must not import Ray: the runner wraps the class into an actor pool with the resources from
+``config.resources``. That keeps stages testable as plain Python.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from .configbase import Strict
+from .llm.config import LLMConfig
+from .llm.context import LLMContext
 from .schema import STATUS_DROPPED, STATUS_ERROR, STATUS_OK
+from .splits import DatasetConfig
 
 Record = dict[str, Any]
 
@@ -33,20 +43,23 @@ class StageSetupError(RuntimeError):
     """A stage cannot run as configured (missing weights, unreachable endpoint, ...). The message says what to do."""
 
 
-class Resources(BaseModel):
+class StageContractError(RuntimeError):
+    """The stage returned records that do not match its input (lost, added or renamed records): a bug in the stage,
+    so the shard fails loudly instead of committing."""
+
+
+class Resources(Strict):
     """Ray resources for a stage's actor pool. Not part of the stage key: changing them recomputes nothing."""
 
-    model_config = ConfigDict(extra="forbid")
     num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per actor (fractions let small machines share)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; >0 only on machines with GPUs")
     pool_size: int = Field(1, ge=1, description="actors in the pool")
     max_in_flight: int = Field(2, ge=1, description="shards queued per actor (2 overlaps IO with compute)")
 
 
-class StageConfig(BaseModel):
+class StageConfig(Strict):
     """Base of every stage's config. ``resources`` is excluded from the stage key."""
 
-    model_config = ConfigDict(extra="forbid")
     resources: Resources = Field(default_factory=Resources)
     batch_size: int = Field(64, ge=1, description="records per call of the stage within a shard")
 
@@ -55,27 +68,48 @@ class StageConfig(BaseModel):
         return self.model_dump(mode="json", exclude={"resources"})
 
 
-class StageContext(BaseModel):
-    """What the runner tells a stage instance about the run it belongs to."""
+class StageContext(Strict):
+    """What the runner tells a stage instance about the run it belongs to (typed, resolved; no raw config)."""
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
     run_id: str = "local"
     stage_key: str = ""
     config_hash: str = ""
     seed: int = 0
     output_dir: str = ""
-    # The whole resolved run config as a plain dict (e.g. the `llm` section for LLM-driven stages).
-    run_config: dict[str, Any] = Field(default_factory=dict)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)  # the D1/D2 split (splits.dataset_split)
+    llm: LLMConfig | None = None  # resolved endpoints for the stage's roles, concurrency already divided per actor
+
+
+@dataclass
+class Usage:
+    """What handling one record cost, for its lineage entry (``Stage.usage`` adds to it)."""
+
+    model_ids: list[str] = field(default_factory=list)
+    prompt_hash: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float | None = None
 
 
 class Stage:
     name: ClassVar[str] = ""
     version: ClassVar[str] = "1"
     Config: ClassVar[type[StageConfig]] = StageConfig
+    reads: ClassVar[frozenset[str]] = frozenset()  # column groups (schema.COLUMN_GROUPS) the stage needs
+    writes: ClassVar[frozenset[str]] = frozenset()  # column groups the stage fills
 
     def __init__(self, config: StageConfig, context: StageContext | None = None):
+        """The framework's: a stage builds its state in ``setup()``, not here."""
         self.config = config
         self.context = context or StageContext()
+        self.llm = LLMContext(self.context.llm, self.llm_roles(config))
+        # lineage defaults for every record this stage handles (set them in setup; ``usage`` overrides per record)
+        self.model_ids: list[str] = []
+        self.prompt_hash: str | None = None
+        self._usage: dict[str, Usage] = {}
+        self._counters: Counter[str] = Counter()
+
+    # --- what a stage defines -----------------------------------------------------------------------------------
 
     @classmethod
     def preflight(cls, config: StageConfig) -> None:
@@ -87,31 +121,122 @@ class Stage:
         reachable endpoint (starting the embedded local server for roles with none) before the run starts."""
         return set()
 
-    def setup(self) -> None:
-        pass
+    @classmethod
+    def reads_for(cls, config: StageConfig) -> frozenset[str]:
+        """The column groups this config reads (default ``reads``); override when it depends on the config."""
+        return cls.reads
 
-    def __call__(self, records: list[Record]) -> list[Record]:  # pragma: no cover - abstract
+    def accepts(self, record: Record) -> bool:
+        """Among the records whose status is ok, the ones this stage works on (default: all). The others pass
+        through untouched, without a lineage entry (retrieve: only records without an image)."""
+        return True
+
+    def setup(self) -> None:
+        """Load models, open clients: once per worker process, before the first batch."""
+
+    def process(self, records: list[Record]) -> list[Record]:
+        """Work on a batch of records (status ok, accepted); return them, same ids. Mark failures on the record
+        (``mark_error``) and drops with ``mark_dropped``; never lose one."""
+        raise NotImplementedError(f"stage {self.name!r} defines neither process() nor aprocess()")
+
+    async def aprocess(self, records: list[Record]) -> list[Record]:
+        """``process`` as a coroutine, run on the worker's event loop: fan out LLM requests across the batch."""
         raise NotImplementedError
 
     def close(self) -> None:
-        pass
+        """Release what ``setup`` built (log the stage's counters); safe to call when ``setup`` did not run."""
 
-    # --- helpers for subclasses -------------------------------------------------------------------------------------
+    # --- what a stage calls ---------------------------------------------------------------------------------------
 
-    def lineage_entry(self, *, model_ids: Iterable[str] = (), prompt_hash: str | None = None,
-                      prompt_tokens: int = 0, completion_tokens: int = 0, seconds: float = 0.0) -> dict[str, Any]:
+    def usage(self, record: Record, *, results: Iterable[Any] = (), model_ids: Iterable[str] = (),
+              prompt_hash: str | None = None, prompt_tokens: int = 0, completion_tokens: int = 0,
+              seconds: float | None = None) -> None:
+        """Add to what this record cost, for its lineage entry: ``results`` (``LLMResult``s: their model identities,
+        tokens and latency), or the fields themselves. Calls add up; ``prompt_hash`` replaces the stage's default."""
+        u = self._usage.setdefault(record["id"], Usage())
+        results = list(results)
+        if results:
+            from .llm.accounting import lineage_usage
+
+            summed = lineage_usage(results)
+            model_ids = [*model_ids, *summed["model_ids"]]
+            prompt_tokens += summed["prompt_tokens"]
+            completion_tokens += summed["completion_tokens"]
+            seconds = (seconds or 0.0) + summed["seconds"]
+        u.model_ids += [m for m in model_ids if m not in u.model_ids]
+        u.prompt_hash = prompt_hash or u.prompt_hash
+        u.prompt_tokens += prompt_tokens
+        u.completion_tokens += completion_tokens
+        if seconds is not None:
+            u.seconds = (u.seconds or 0.0) + seconds
+
+    def count(self, event: str, n: int = 1) -> None:
+        """Count an event of this stage (``"generator_failed:timeout"``, ``"rejected:leaks_labels"``): summed per
+        shard into its commit marker (``counters``), per stage in ``status`` and the end-of-run summary. Use it for
+        what records do not show by themselves: per-entity or per-chain outcomes, retries, cache hits."""
+        if n:
+            self._counters[event] += n
+
+    def take_counters(self) -> dict[str, int]:
+        """The counts since the last call (the framework's: one call per shard)."""
+        out, self._counters = dict(self._counters), Counter()
+        return out
+
+    # --- the framework ----------------------------------------------------------------------------------------------
+
+    def __call__(self, records: list[Record]) -> list[Record]:
+        """Run the stage on a batch: only ok, accepted records reach ``process``/``aprocess``; the others come back
+        untouched; every handled record gets its lineage entry. Stages do not override this."""
+        self._usage = {}
+        todo = [r for r in records if active(r) and self.accepts(r)]
+        if not todo:
+            return records
+        t0 = time.perf_counter()
+        if type(self).aprocess is not Stage.aprocess:
+            out = self.llm.run(self.aprocess(todo))
+        else:
+            out = self.process(todo)
+        share = (time.perf_counter() - t0) / len(todo)
+        if not isinstance(out, list):
+            raise StageContractError(f"stage {self.name}: process() must return the list of records it was given, "
+                                     f"got {type(out).__name__}")
+        check_contract(todo, out, self.name)
+        handled = {r["id"]: r for r in out}
+        result = []
+        for rec in records:
+            done = handled.get(rec["id"])
+            if done is None:  # not handed to the stage: untouched
+                result.append(rec)
+                continue
+            done["lineage"] = [*(done.get("lineage") or []), self._lineage(self._usage.get(rec["id"]), share)]
+            result.append(done)
+        return result
+
+    def _lineage(self, usage: Usage | None, share: float) -> dict[str, Any]:
+        u = usage or Usage()
         return {
             "stage": self.name,
             "stage_version": self.version,
             "stage_key": self.context.stage_key,
             "config_hash": self.context.config_hash,
             "run_id": self.context.run_id,
-            "model_ids": list(model_ids),
-            "prompt_hash": prompt_hash,
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "seconds": seconds,
+            "model_ids": u.model_ids or list(self.model_ids),
+            "prompt_hash": u.prompt_hash or self.prompt_hash,
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens,
+            "seconds": share if u.seconds is None else u.seconds,
         }
+
+
+def check_contract(inputs: list[Record], outputs: list[Record], stage: str) -> None:
+    """Every input record comes back exactly once (by id), none added."""
+    a = Counter(r["id"] for r in inputs)
+    b = Counter(r.get("id") for r in outputs)
+    if a != b:
+        lost = sorted((a - b).elements())[:5]
+        added = sorted(map(str, (b - a).elements()))[:5]
+        raise StageContractError(f"stage {stage} must return every input record exactly once; "
+                                 f"lost {lost}, added {added}")
 
 
 def active(record: Record) -> bool:
@@ -133,15 +258,3 @@ def mark_dropped(record: Record, stage: str, reason: str, message: str | None = 
     if message:
         record["error"] = message
     return record
-
-
-class Timer:
-    """``with Timer() as t: ...; t.seconds``: wall time for lineage entries."""
-
-    def __enter__(self) -> "Timer":
-        self._t0 = time.perf_counter()
-        self.seconds = 0.0
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self._t0

@@ -28,20 +28,19 @@ import hashlib
 import html
 from typing import Any, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from .answer import Triple, format_answer, format_turn, gold_triples
+from .answer import DEFAULT_TYPES, Triple, format_answer, format_box, format_turn, gold_triples
+from .configbase import Frozen
 from .frames import ORIGINAL, FrameConfig, boxes_to_frame, model_image_size, prepare_image, text_to_frame, to_frame
 from .prompts import load_text, prompt_hash as _files_hash
 
 Messages = list[dict[str, Any]]
-DEFAULT_TYPES = ("PER", "LOC", "ORG", "OTHER")
 
 
-class StudentPromptConfig(BaseModel):
+class StudentPromptConfig(Frozen):
     """How a record becomes the student model's prompt (shared by grpo_filter, train, predict and export)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     template: str = Field("student/gmner.txt", description="instruction template under prompts/")
     image: bool = Field(True, description="send the image (multimodal policy); false for text-only policies")
     detections: Literal["auto", "always", "never"] = Field(
@@ -88,8 +87,7 @@ def detection_hint(record: dict[str, Any], config: StudentPromptConfig) -> str |
         return None
     items = []
     for b in boxes:
-        box = to_frame(b["box"], size[0], size[1], config.frame)
-        items.append(f"{b['label']}: [" + ",".join(str(int(round(v))) for v in box) + "]")
+        items.append(f"{b['label']}: " + format_box(to_frame(b["box"], size[0], size[1], config.frame)))
     return "Objects a detector found in the image: " + "; ".join(items) + "."
 
 

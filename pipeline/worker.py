@@ -1,9 +1,11 @@
 """Turning a Stage into shard work: read the input shard, run the stage batch by batch, write, commit.
 
-``ShardProcessor`` knows nothing about Ray (the runner wraps it in an actor), so it is tested as plain Python.
-It guarantees the stage contract for the run: every input record comes out once, with the same id. A batch whose
-call raises is retried record by record, and a record whose call still raises comes out with ``status='error'``
-and the exception in ``error`` rather than being lost or failing the shard.
+Nothing here knows about Ray (the runner's executor wraps ``ShardProcessor`` in an actor), so it is tested as plain
+Python, and ``gmner_pipeline.testing.run_stage`` uses the same three steps (``start_stage``, ``run_batch``,
+``stop_stage``). The record contract holds for the whole run: every input record comes out once, with the same id. A
+batch whose call raises is retried record by record, and a record whose call still raises comes out with
+``status='error'`` and the exception in ``error`` rather than being lost or failing the shard. A stage that loses or
+invents records (``StageContractError``) fails the shard: that is a bug to fix, not bad input.
 """
 
 from __future__ import annotations
@@ -18,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from .schema import STATUS_DROPPED, STATUS_ERROR, STATUS_OK
-from .shards import commit_shard, read_records, write_records
-from .stage import Record, Stage, StageConfig, StageContext, mark_error
+from .shards import commit_shard, read_records, shard_path, write_records
+from .stage import Record, Stage, StageConfig, StageContext, StageContractError, check_contract, mark_error
 
 log = logging.getLogger(__name__)
 
-
-class StageContractError(RuntimeError):
-    """The stage returned records that do not match its input (lost, added or renamed records)."""
+__all__ = ["ShardProcessor", "StageContractError", "check_contract", "run_batch", "shard_stats", "start_stage",
+           "stop_stage"]
 
 
 def shard_stats(records: list[Record], stage: str) -> dict[str, Any]:
@@ -46,61 +47,83 @@ def shard_stats(records: list[Record], stage: str) -> dict[str, Any]:
     }
 
 
+# --- the lifecycle of a stage in a worker: the one idiom ------------------------------------------------------------
+
+def start_stage(stage_cls: type[Stage], config: StageConfig, context: StageContext) -> Stage:
+    """Build the stage and run its ``setup()`` (once per worker process)."""
+    stage = stage_cls(config, context)
+    stage.setup()
+    return stage
+
+
+def stop_stage(stage: Stage) -> None:
+    """The stage's ``close()``, then its LLM clients and event loop."""
+    try:
+        stage.close()
+    finally:
+        stage.llm.close()
+
+
+def run_batch(stage: Stage, batch: list[Record]) -> list[Record]:
+    """One batch through the stage; if it raises, record by record, and a record that still raises becomes an
+    error record. Inputs are copied (one level), so a failed try cannot leave half-written results behind, and the
+    counters a failed try added are taken back, so an event is counted once per record that keeps its result."""
+    before = Counter(stage._counters)
+    try:
+        return stage([dict(r) for r in batch])
+    except StageContractError:
+        raise
+    except Exception:  # noqa: BLE001 - isolate the failing record(s) below
+        stage._counters = Counter(before)
+        log.warning("stage %s failed on a batch of %d; retrying record by record", stage.name, len(batch),
+                    exc_info=True)
+    out = []
+    for rec in batch:
+        before = Counter(stage._counters)
+        try:
+            result = stage([dict(rec)])
+            check_contract([rec], result, stage.name)
+            out.append(result[0])
+        except StageContractError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the record carries the error; the run goes on
+            stage._counters = before
+            stage.count("record_raised")
+            tb = traceback.format_exception_only(type(exc), exc)[-1].strip()
+            out.append(mark_error(dict(rec), stage.name, f"{stage.name} raised {tb}"))
+    return out
+
+
 class ShardProcessor:
+    """One stage instance in a worker process: ``setup`` once, then shard after shard, then ``close``."""
+
     def __init__(self, stage_cls: type[Stage], config: StageConfig, context: StageContext):
-        self.stage = stage_cls(config, context)
+        self.stage = start_stage(stage_cls, config, context)
         self.name = stage_cls.name
         self.batch_size = config.batch_size
         self.context = context
-        self.stage.setup()
 
     def process(self, index: int, in_path: str | Path, out_dir: str | Path,
                 extra_stats: dict[str, Any] | None = None) -> dict[str, Any]:
         """Process input shard ``index`` into ``out_dir``; returns the stats written to the commit marker."""
         t0 = time.perf_counter()
+        self.stage.take_counters()  # a shard that failed before on this worker left its counts behind
         records = read_records(in_path)
         out: list[Record] = []
         for start in range(0, len(records), self.batch_size):
-            out.extend(self._run_batch(records[start:start + self.batch_size]))
+            out.extend(run_batch(self.stage, records[start:start + self.batch_size]))
         check_contract(records, out, self.name)
-        from .shards import shard_path
-
         write_records(shard_path(out_dir, index), out)
         stats = shard_stats(out, self.name)
         stats.update(stage=self.name, stage_key=self.context.stage_key, run_id=self.context.run_id, shard=index,
                      seconds=round(time.perf_counter() - t0, 3), host=socket.gethostname(), pid=os.getpid(),
                      finished_at=time.time(), **(extra_stats or {}))
+        stats["counters"] = self.stage.take_counters()
+        llm = self.stage.llm.stats()
+        if llm:
+            stats["llm"] = llm  # running totals of this worker's clients, per role
         commit_shard(out_dir, index, stats)
         return stats
 
-    def _run_batch(self, batch: list[Record]) -> list[Record]:
-        ids = [r["id"] for r in batch]
-        try:
-            return self.stage([dict(r) for r in batch])
-        except Exception:  # noqa: BLE001 - isolate the failing record(s) below
-            log.warning("stage %s failed on a batch of %d; retrying record by record", self.name, len(batch),
-                        exc_info=True)
-        out = []
-        for rec, rid in zip(batch, ids):
-            try:
-                result = self.stage([dict(rec)])
-                if len(result) != 1 or result[0].get("id") != rid:
-                    raise StageContractError(f"returned {len(result)} records for 1")
-                out.append(result[0])
-            except Exception as exc:  # noqa: BLE001 - the record carries the error; the run goes on
-                tb = traceback.format_exception_only(type(exc), exc)[-1].strip()
-                out.append(mark_error(dict(rec), self.name, f"{self.name} raised {tb}"))
-        return out
-
     def close(self) -> None:
-        self.stage.close()
-
-
-def check_contract(inputs: list[Record], outputs: list[Record], stage: str) -> None:
-    a = Counter(r["id"] for r in inputs)
-    b = Counter(r.get("id") for r in outputs)
-    if a != b:
-        lost = sorted((a - b).elements())[:5]
-        added = sorted(map(str, (b - a).elements()))[:5]
-        raise StageContractError(f"stage {stage} must return every input record exactly once; "
-                                 f"lost {lost}, added {added}")
+        stop_stage(self.stage)

@@ -1,4 +1,4 @@
-"""A stage that passes records through unchanged (plus a lineage entry).
+"""A stage that passes records through unchanged (the framework adds its lineage entry).
 
 Useful to measure the runner's own overhead, to smoke-test a cluster, and in the runner's fault tests:
 ``sleep_per_record`` makes work slow enough to interrupt, ``fail_ids`` makes the stage raise on chosen records
@@ -12,7 +12,7 @@ import time
 
 from pydantic import Field
 
-from gmner_pipeline.stage import Record, Stage, StageConfig, active
+from gmner_pipeline.stage import Record, Stage, StageConfig
 
 
 class PassthroughConfig(StageConfig):
@@ -26,17 +26,18 @@ class PassthroughStage(Stage):
     name = "passthrough"
     version = "1"
     Config = PassthroughConfig
+    reads = frozenset()
+    writes = frozenset()
 
-    def __call__(self, records: list[Record]) -> list[Record]:
-        cfg: PassthroughConfig = self.config  # type: ignore[assignment]
+    config: PassthroughConfig
+
+    def process(self, records: list[Record]) -> list[Record]:
+        cfg = self.config
         for rec in records:
-            if not active(rec):
-                continue
             if rec["id"] in cfg.crash_ids:
                 os._exit(17)
             if rec["id"] in cfg.fail_ids:
                 raise ValueError(f"passthrough was told to fail on {rec['id']}")
             if cfg.sleep_per_record:
                 time.sleep(cfg.sleep_per_record)
-            rec["lineage"] = list(rec.get("lineage") or []) + [self.lineage_entry()]
         return records

@@ -30,10 +30,13 @@ from typing import Any, Literal, Sequence
 
 from pydantic import Field, field_validator
 
-from gmner_pipeline.answer import Triple, format_answer, format_turn, gold_triples, parse_answer, same_triples
+from gmner_pipeline.answer import (
+    Triple, format_answer, format_box, format_turn, gold_triples, parse_answer, same_triples,
+)
 from gmner_pipeline.prompts import load_yaml, prompt_hash
 from gmner_pipeline.schema import GROUNDING_ABSENT, GROUNDING_PRESENT
-from gmner_pipeline.stage import Record, Stage, StageConfig, Timer, active
+from gmner_pipeline.splits import DatasetConfig, dataset_split
+from gmner_pipeline.stage import Record, Stage, StageConfig
 
 STYLE = "template"
 ROUTES = ("entity_first", "constraint_first")
@@ -116,10 +119,6 @@ def mentions_of(record: Record, use_fine_types: bool = True) -> list[Mention]:
     return out
 
 
-def box_text(box: Sequence[float]) -> str:
-    return "[" + ",".join(str(int(round(v))) for v in box) + "]"
-
-
 # --- chain construction (pure) --------------------------------------------------------------------------------------
 
 class ChainWriter:
@@ -150,7 +149,7 @@ class ChainWriter:
         return types.get(type_, types["default"]).format(type=type_)
 
     def boxes(self, triple: Triple) -> str:
-        return self.common["box_join"].join(box_text(b) for b in triple.boxes or ())
+        return self.common["box_join"].join(format_box(b) for b in triple.boxes or ())
 
     def values(self, index: int, m: Mention) -> dict[str, Any]:
         return {"index": index, "entity": m.entity, "type": m.type, "type_desc": self.type_desc(m.type),
@@ -295,15 +294,17 @@ class TemplateCoTConfig(StageConfig):
         return {**super().key_payload(), "template_hash": self.template_hash()}
 
 
-def template_cot(record: Record, config: TemplateCoTConfig, run_seed: int) -> Record:
-    """Add template chains to one active record (pure apart from reading the cached template files)."""
+def template_cot(record: Record, config: TemplateCoTConfig, run_seed: int,
+                 dataset: DatasetConfig | None = None) -> Record:
+    """Add template chains to one active record (pure apart from reading the cached template files). ``cot.split``
+    (D1/D2, None for dev and test records) comes from the one owner of the split, ``splits.dataset_split``."""
     cot = dict(record.get("cot") or {})
     kept = [c for c in cot.get("chains") or [] if c.get("style") != STYLE]  # other styles' chains stay
+    cot["split"] = dataset_split(record, dataset or DatasetConfig(), run_seed)
     grounding = record.get("grounding_labels")
     if grounding != GROUNDING_PRESENT:  # visibility unknown: a chain would have to invent it
         cot.update(chains=kept, skipped=SKIP_GROUNDING_ABSENT if grounding == GROUNDING_ABSENT
                    else SKIP_GROUNDING_UNKNOWN)
-        cot.setdefault("split", None)
         record["cot"] = cot
         return record
     common = load_yaml(COMMON_TEMPLATE)
@@ -317,7 +318,6 @@ def template_cot(record: Record, config: TemplateCoTConfig, run_seed: int) -> Re
                                    common=common, route_phrases=phrases)
             chains.append(chain)
     cot.update(chains=kept + chains, skipped=None)
-    cot.setdefault("split", None)
     record["cot"] = cot
     return record
 
@@ -326,19 +326,17 @@ class TemplateCoTStage(Stage):
     """Deterministic template chains from gold labels; needs no model, no GPU and no network."""
 
     name = "template_cot"
-    version = "1"
+    version = "2"  # 2: cot.split holds the record's D1/D2 assignment
     Config = TemplateCoTConfig
+    reads = frozenset()  # the sample's gold entities only
+    writes = frozenset({"cot"})
 
-    def __init__(self, config: StageConfig, context=None):
-        super().__init__(config, context)
-        self._prompt_hash = self.config.template_hash()
+    config: TemplateCoTConfig
 
-    def __call__(self, records: list[Record]) -> list[Record]:
+    def setup(self) -> None:
+        self.prompt_hash = self.config.template_hash()  # recorded in every record's lineage
+
+    def process(self, records: list[Record]) -> list[Record]:
         for record in records:
-            if not active(record):
-                continue  # dropped / failed upstream: pass through untouched
-            with Timer() as t:
-                template_cot(record, self.config, self.context.seed)
-            record["lineage"] = list(record.get("lineage") or []) + [
-                self.lineage_entry(prompt_hash=self._prompt_hash, seconds=t.seconds)]
+            template_cot(record, self.config, self.context.seed, self.context.dataset)
         return records

@@ -31,8 +31,9 @@ from .. import student
 from ..answer import format_answer, gold_triples
 from ..frames import FrameError, frame_extent, model_image_size
 from ..schema import GROUNDING_ABSENT, STATUS_OK
-from ..shards import committed_indices, read_json, read_records, shard_path
-from ..splits import DatasetConfig, dataset_split, is_training_record
+from ..publish import D2_FILTERED, DATASET_DIR
+from ..shards import committed_indices, iter_committed_records, read_json, read_records
+from ..splits import D2, DatasetConfig, dataset_split, is_training_record
 from ..student import StudentPromptConfig
 from .config import DataConfig
 
@@ -67,10 +68,8 @@ class DataStats:
 # --- reading ---------------------------------------------------------------------------------------------------------
 
 def read_stage_records(stage_dir: Path) -> Iterator[dict[str, Any]]:
-    """Every record of a stage folder's COMMITTED shards, in shard order. The one place that reads stage folders
-    (to become ``shards.iter_committed_records`` once the framework offers it)."""
-    for index in sorted(committed_indices(stage_dir)):
-        yield from read_records(shard_path(stage_dir, index))
+    """Every record of a stage folder's COMMITTED shards, in shard order (one shard in memory at a time)."""
+    return iter_committed_records(stage_dir)
 
 
 @dataclass(frozen=True)
@@ -104,12 +103,29 @@ def _run_config(out: Path) -> dict[str, Any] | None:
         return None
 
 
-def resolve_sources(paths: Iterable[str | Path], splits: Iterable[str], published: bool = True) -> list[Source]:
-    """The stage folders and Parquet files behind ``--data`` inputs (see the module docstring). ``published=False``
-    reads an output folder's final stage even when it has a ``dataset/`` folder (``predict`` on every record)."""
+def published_folders(output: Path, splits: Iterable[str], filtered: bool) -> list[Path] | None:
+    """``<output>/dataset/<split>`` for each split (``D2_filtered`` for D2 when ``filtered``), or None when the
+    output folder has no published dataset or lacks one of them (then its final stage is read)."""
+    root = output / DATASET_DIR
+    if not root.is_dir():
+        return None
+    folders = [_split_folder(root, D2_FILTERED if filtered and split == D2 else split) for split in splits]
+    if any(f is None for f in folders):
+        log.info("%s lacks a published folder for %s: reading the run's final stage", root, list(splits))
+        return None
+    return folders  # type: ignore[return-value]
+
+
+def resolve_sources(paths: Iterable[str | Path], splits: Iterable[str], published: bool = True,
+                    filtered: bool = False) -> list[Source]:
+    """The stage folders and Parquet files behind ``--data`` inputs (see the module docstring). ``filtered`` reads
+    a published ``D2_filtered`` for D2. ``published=False`` reads an output folder's final stage even when it has a
+    ``dataset/`` folder (``predict`` on every record)."""
     sources: list[Source] = []
+    splits = list(splits)
     for raw in paths:
         path = Path(raw)
+        folders = published_folders(path, splits, filtered) if published and path.is_dir() else None
         if path.is_file():
             if path.suffix != ".parquet":
                 raise DataError(f"{path} is not a Parquet file: give record-schema shards, a stage folder or a "
@@ -117,14 +133,9 @@ def resolve_sources(paths: Iterable[str | Path], splits: Iterable[str], publishe
             sources.append(Source("file", path))
         elif not path.is_dir():
             raise DataError(f"{path} does not exist")
-        elif published and (path / "dataset").is_dir():
+        elif folders is not None:
             cfg = _run_config(path)
-            for split in splits:
-                folder = _split_folder(path / "dataset", split)
-                if folder is None:
-                    raise DataError(f"{path / 'dataset'} has no {split}/ folder (found: "
-                                    f"{sorted(p.name for p in (path / 'dataset').iterdir() if p.is_dir())})")
-                sources += [Source("file", f, cfg) for f in sorted(folder.rglob("*.parquet"))]
+            sources += [Source("file", f, cfg) for folder in folders for f in sorted(folder.rglob("*.parquet"))]
         elif (path / "latest.json").is_file():
             try:
                 final = Path(read_json(path / "latest.json")["final_dir"])
@@ -196,7 +207,7 @@ def select_records(sources: Iterable[Source], config: DataConfig, stats: DataSta
 
 
 def sources_for(paths: Iterable[str | Path], config: DataConfig) -> list[Source]:
-    return resolve_sources(paths, config.splits)
+    return resolve_sources(paths, config.splits, filtered=config.require_grpo_keep)
 
 
 # --- examples --------------------------------------------------------------------------------------------------------
@@ -250,14 +261,14 @@ def grpo_rows(records: Iterable[dict[str, Any]], prompt: StudentPromptConfig, st
             continue
         try:
             messages = json.dumps(student.build_messages(record, prompt), ensure_ascii=False)
+            gold = format_answer(gold_triples(record))
         except ValueError as exc:
             stats.error(f"{record.get('id')}: {exc}")
             continue
         size = student.image_size(record) or (0, 0)
         stats.records_used += 1
         stats.examples += 1
-        yield {"id": record["id"], "messages": messages, "gold": format_answer(gold_triples(record)),
-               "width": int(size[0]), "height": int(size[1])}
+        yield {"id": record["id"], "messages": messages, "gold": gold, "width": int(size[0]), "height": int(size[1])}
 
 
 def build_dataset(rows: Iterable[dict[str, Any]] | None = None, *, generator: Any = None,

@@ -82,7 +82,8 @@ def build_grpo_trainer(config: TrainConfig, data: Iterable[str | Path], adapter:
     log.info("GRPO data: %s", stats.as_dict())
     dataset = dataset.with_transform(partial(conversational_rows, prompt=prompt, multimodal=policy.multimodal))
     args = trainer_args(GRPOConfig, config, output)
-    reward = policy_reward(config.reward, prompt.frame, types=prompt.types)
+    # the reward reads completions (and gold) with the label set the policy is prompted with
+    reward = policy_reward(config.reward.model_copy(update={"types": tuple(prompt.types)}), prompt.frame)
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
                           processing_class=policy.processor, peft_config=peft_config, rollout_func=rollout_func,
                           callbacks=make_callbacks(config))

@@ -8,16 +8,16 @@ other than the canonical ``[x1,y1,x2,y2]`` stay in the frame (the policy is trai
 
 from __future__ import annotations
 
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Callable, Sequence
 
 from ..frames import FrameConfig, text_from_frame
 from ..scoring.config import RewardConfig
 from ..scoring.rewards import completion_text, make_trl_reward
 
 
-def project_reward(config: RewardConfig, types: Collection[str] | None) -> Callable[..., list[float | None]]:
-    """The one place the trainer builds the project's reward function."""
-    return make_trl_reward(config, gold_column="gold", types=types)
+def project_reward(config: RewardConfig) -> Callable[..., list[float | None]]:
+    """The one place the trainer builds the project's reward function (the same numbers grpo_filter computes)."""
+    return make_trl_reward(config, gold_column="gold")
 
 
 def to_original_pixels(text: str, width: int | None, height: int | None, frame: FrameConfig) -> str:
@@ -26,10 +26,9 @@ def to_original_pixels(text: str, width: int | None, height: int | None, frame: 
     return text_from_frame(text, int(width), int(height), frame)
 
 
-def policy_reward(config: RewardConfig, frame: FrameConfig, types: Collection[str] | None = None
-                  ) -> Callable[..., list[float | None]]:
+def policy_reward(config: RewardConfig, frame: FrameConfig) -> Callable[..., list[float | None]]:
     """A TRL reward function ``(prompts, completions, gold, width, height, **columns) -> list[float | None]``."""
-    base = project_reward(config, types)
+    base = project_reward(config)
 
     def gmner(prompts: Sequence[Any] | None = None, completions: Sequence[Any] = (), **columns: Any
               ) -> list[float | None]:

@@ -1,9 +1,10 @@
 """The LLM layer: one OpenAI-compatible client (failover, retries, cache, accounting) and the embedded local server.
 
-Stages use it as::
+Stages use it through ``self.llm`` (``context.LLMContext``: one event loop per worker, one client per role)::
 
-    client = LLMClient.from_config(self.context.run_config["llm"], "teacher")    # in setup()
-    results = client.complete_many([LLMRequest(messages=...) for r in batch])     # in __call__()
+    client = self.llm.client("teacher")
+    results = await client.acomplete_many([LLMRequest(messages=...) for r in records])   # in aprocess()
+    results = client.complete_many([LLMRequest(messages=...) for r in records])          # or in process()
     # result.ok / result.text / result.texts / result.error_kind / result.usage()
 
 See docs/llm.md. Names are imported lazily: ``gmner_pipeline.config`` needs only ``llm.config``, and importing the
@@ -18,7 +19,10 @@ from typing import Any
 _EXPORTS = {
     "Accounting": "accounting", "lineage_usage": "accounting",
     "LLMClient": "client",
-    "EndpointConfig": "config", "LLMConfig": "config", "RoleConfig": "config", "SamplingConfig": "config",
+    "LLMContext": "context",
+    "EndpointConfig": "config", "LLMConfig": "config", "LLMConfigError": "config", "LocalPolicyConfig": "config",
+    "RoleConfig": "config", "SamplingConfig": "config",
+    "role_identity": "identity",
     "image_part": "images", "user_message": "images",
     "Choice": "request", "LLMRequest": "request", "LLMResult": "request",
     "llm_services": "services",

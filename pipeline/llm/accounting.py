@@ -54,7 +54,7 @@ class Accounting:
 
 
 def lineage_usage(results: Iterable[LLMResult]) -> dict[str, Any]:
-    """Sum the requests made for ONE record, as keyword arguments for ``Stage.lineage_entry`` (model_ids,
+    """Sum the requests made for ONE record (what ``Stage.usage(record, results=...)`` records in its lineage: model_ids,
     prompt_tokens, completion_tokens, seconds)."""
     results = list(results)
     models = sorted({r.model for r in results if r.model})

@@ -11,9 +11,10 @@
 * **Cache**: answered requests are looked up before anything is sent (see cache.py).
 * **n > 1**: the server's ``n`` where it honours it, else n requests with seeds ``seed, seed+1, ...``.
 
-Use the async API (``acomplete``, ``acomplete_many``) from one event loop, or the sync facade (``complete``,
-``complete_many``) from plain code such as a stage's ``__call__``: it runs the requests concurrently on the client's
-own event loop thread. API keys are read from the environment when a client is built and are never logged.
+Use the async API (``acomplete``, ``acomplete_many``) from one event loop (a stage's ``aprocess``), or the sync
+facade (``complete``, ``complete_many``) from plain code such as a stage's ``process``: it runs the requests
+concurrently on the client's event loop thread (the worker's, for a client from ``Stage.llm``). API keys are read from
+the environment when a client is built and are never logged.
 """
 
 from __future__ import annotations
@@ -22,10 +23,8 @@ import asyncio
 import json
 import logging
 import random
-import threading
 import time
-from concurrent.futures import Future
-from typing import Any, Awaitable, Iterable, TypeVar
+from typing import Any, Iterable
 
 import httpx2
 import openai
@@ -36,10 +35,11 @@ from . import request as kinds
 from .accounting import Accounting
 from .cache import RequestCache, open_cache, request_key
 from .config import CircuitConfig, EndpointConfig, LLMConfig, RoleConfig
+from .identity import role_identity
+from .loop import LoopThread
 from .request import Choice, LLMRequest, LLMResult
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})  # plus every 5xx
 
@@ -106,13 +106,14 @@ def _retry_after_s(exc: BaseException | None) -> float:
 class Endpoint:
     """One server of a role, with its concurrency limit and circuit-breaker state (used from one event loop)."""
 
-    def __init__(self, config: EndpointConfig, circuit: CircuitConfig, timeout: httpx2.Timeout):
+    def __init__(self, config: EndpointConfig, circuit: CircuitConfig, timeout: httpx2.Timeout,
+                 slots: asyncio.Semaphore | None = None):
         self.config = config
         self.circuit = circuit
         self._timeout = timeout
         self._api_key = config.api_key()  # read now: a missing variable fails the client, not the 10,000th request
         self._client: openai.AsyncOpenAI | None = None
-        self._sem: asyncio.Semaphore | None = None
+        self._sem: asyncio.Semaphore | None = slots  # shared with other roles' clients of the same server
         self.in_flight = 0
         self.failures = 0          # consecutive
         self.open_until = 0.0      # monotonic time until which the endpoint is out of rotation
@@ -199,43 +200,34 @@ class _Tries:
         self.last: Endpoint | None = None
 
 
-class _LoopThread:
-    """A private event loop in a daemon thread: the sync facade's engine (safe to call from inside another loop)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="llm-client-loop", daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Awaitable[T]) -> T:
-        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
-        return fut.result()
-
-    def stop(self) -> None:
-        if self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=5)
-        self.loop.close()
-
-
 class LLMClient:
-    """The client for ONE role. Build it with ``LLMClient.from_config(llm_config, role)`` (a dict works, as a Ray
-    worker receives it) after the runner resolved endpoints (``services.llm_services``)."""
+    """The client for ONE role. A stage gets it from ``self.llm.client(role)`` (``context.LLMContext``: the worker's
+    loop, per-server limits shared across roles); elsewhere ``LLMClient.from_config(llm_config, role)`` after the
+    endpoints were resolved (``services.llm_services``).
+
+    ``loop``: run the sync facade on this (shared) loop instead of a private one. ``shared_slots``: per base URL, the
+    semaphore that bounds requests in flight to that server, shared with other clients in this process."""
 
     def __init__(self, role: RoleConfig, *, role_name: str = "default", cache: RequestCache | None = None,
-                 accounting: Accounting | None = None):
+                 accounting: Accounting | None = None, loop: LoopThread | None = None,
+                 shared_slots: dict[str, asyncio.Semaphore] | None = None):
         if not role.endpoints:
             raise NoEndpoint(f"LLM role {role_name!r} has no endpoints: configure llm.roles.{role_name}.endpoints, or "
                              f"run inside gmner_pipeline.llm.services.llm_services() which starts the embedded server")
         self.role = role
         self.role_name = role_name
-        self.identity = role.identity()
+        self.identity = role_identity(role)  # the one identity: cache key, lineage, stage key
         self.cache = cache
         self.accounting = accounting or Accounting()
         timeout = httpx2.Timeout(role.timeout_s, connect=role.connect_timeout_s)
-        self.endpoints = [Endpoint(e, role.circuit, timeout) for e in role.endpoints]
+        self.endpoints = [
+            Endpoint(e, role.circuit, timeout,
+                     None if shared_slots is None else shared_slots.setdefault(
+                         e.base_url, asyncio.Semaphore(e.max_concurrency)))
+            for e in role.endpoints]
         self._server_n: bool | None = None if role.n_mode == "auto" else role.n_mode == "server"
-        self._loop: _LoopThread | None = None
+        self._loop: LoopThread | None = loop
+        self._own_loop = loop is None
         self._rng = random.Random()
 
     @classmethod
@@ -266,7 +258,7 @@ class LLMClient:
         return list(await asyncio.gather(*(self.acomplete(r) for r in requests)))
 
     def complete_many(self, requests: Iterable[LLMRequest]) -> list[LLMResult]:
-        """Sync facade for plain code (a stage's ``__call__``): runs the batch concurrently, blocks until done."""
+        """Sync facade for plain code (a stage's ``process``): runs the batch concurrently, blocks until done."""
         return self._sync().run(self.acomplete_many(list(requests)))
 
     def complete(self, req: LLMRequest) -> LLMResult:
@@ -282,7 +274,8 @@ class LLMClient:
     def close(self) -> None:
         if self._loop is not None:
             self._loop.run(self.aclose())
-            self._loop.stop()
+            if self._own_loop:
+                self._loop.stop()
             self._loop = None
         if self.cache is not None:
             self.cache.close()
@@ -309,9 +302,10 @@ class LLMClient:
         except Exception as exc:  # noqa: BLE001
             log.warning("llm cache write failed (%s); the answer is returned but not cached", exc)
 
-    def _sync(self) -> _LoopThread:
+    def _sync(self) -> LoopThread:
         if self._loop is None:
-            self._loop = _LoopThread()
+            self._loop = LoopThread()
+            self._own_loop = True
         return self._loop
 
     def _params(self, req: LLMRequest) -> dict[str, Any]:

@@ -20,21 +20,26 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from ..configbase import ConfigError, Strict
+from ..paths import user_cache_dir
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class LLMConfigError(ConfigError):
+    """The LLM section cannot serve the run; the message says what to configure."""
 
 
-class EndpointConfig(_Strict):
+class EndpointConfig(Strict):
     """One OpenAI-compatible server that serves the role's model."""
 
     base_url: str = Field(..., description="OpenAI-compatible API root, e.g. http://host:8000/v1")
     model: str = Field(..., description="model name as the server knows it")
     api_key_env: str | None = Field(
         None, description="NAME of the environment variable holding the API key (the key itself never goes in config)")
-    max_concurrency: int = Field(16, ge=1, description="requests in flight to this endpoint at most")
+    max_concurrency: int = Field(
+        16, ge=1, description="requests in flight to this server across the whole run: the runner divides it among "
+        "the actors that call it (at least 1 each); roles in one actor calling the same server share their share")
     weight: float = Field(1.0, gt=0, description="share of traffic relative to the role's other endpoints")
     json_schema_via: Literal["json_schema", "json_object"] = Field(
         "json_schema", description="how a json_schema response_format is sent: as is (OpenAI, vLLM), or as "
@@ -58,7 +63,7 @@ class EndpointConfig(_Strict):
         return value
 
 
-class SamplingConfig(_Strict):
+class SamplingConfig(Strict):
     """Per-role sampling defaults; a request may override any of them."""
 
     temperature: float = Field(0.0, ge=0)
@@ -70,7 +75,7 @@ class SamplingConfig(_Strict):
     n: int = Field(1, ge=1)
 
 
-class RetryConfig(_Strict):
+class RetryConfig(Strict):
     """Retries on 429, 408, 5xx, timeouts, connection errors and unreadable bodies only (never on other 4xx)."""
 
     max_attempts: int = Field(6, ge=1, description="tries per request, the first included")
@@ -81,7 +86,7 @@ class RetryConfig(_Strict):
     honor_retry_after: bool = Field(True, description="wait at least the server's Retry-After on 429/503")
 
 
-class CircuitConfig(_Strict):
+class CircuitConfig(Strict):
     """An endpoint that fails ``failure_threshold`` times in a row leaves the rotation for ``cooldown_s`` (doubling
     while it keeps failing, up to ``max_cooldown_s``); then one probe request decides whether it comes back."""
 
@@ -90,9 +95,22 @@ class CircuitConfig(_Strict):
     max_cooldown_s: float = Field(120.0, ge=0)
 
 
-class RoleConfig(_Strict):
+class LocalPolicyConfig(Strict):
+    """A model a stage loads in its own worker process instead of calling a server (grpo_filter samples the SFT
+    policy this way). Its identity is the base model plus the adapter's content hash (``identity.role_identity``)."""
+
+    base_model: str = Field(..., description="the base model: a hub name or a local folder")
+    adapter: str | None = Field(None, description="a PEFT adapter folder applied on top (what train/ writes)")
+    revision: str | None = Field(
+        None, description="the base model's revision; default: the content hash of base_model when it is a local "
+        "folder, else none (set it when the weights behind a hub name can change)")
+
+
+class RoleConfig(Strict):
     endpoints: list[EndpointConfig] = Field(
-        default_factory=list, description="replicas of one model; empty = start the embedded local server")
+        default_factory=list, description="replicas of one model; empty (and no local) = the embedded local server")
+    local: LocalPolicyConfig | None = Field(
+        None, description="a model the stage runs in-process (no endpoints); see LocalPolicyConfig")
     model_id: str | None = Field(
         None, description="model identity for the cache key (default: the endpoints' model name)")
     revision: str | None = Field(None, description="model revision (e.g. a hub commit); part of the cache key")
@@ -111,15 +129,12 @@ class RoleConfig(_Strict):
         if len(names) > 1 and not self.model_id:
             raise ValueError(f"the endpoints of a role must serve one model, got {sorted(names)}; set model_id to the "
                              f"shared identity if the servers merely name it differently")
+        if self.local is not None and self.endpoints:
+            raise ValueError("a role is either served (endpoints) or run in-process (local), not both")
         return self
 
-    def identity(self) -> str:
-        """Model id (and revision) recorded in the cache key and lineage."""
-        base = self.model_id or (self.endpoints[0].model if self.endpoints else "embedded")
-        return f"{base}@{self.revision}" if self.revision else base
 
-
-class CacheConfig(_Strict):
+class CacheConfig(Strict):
     enabled: bool = True
     backend: Literal["sqlite", "files"] = Field(
         "sqlite", description="sqlite (WAL): one machine, many processes. files: one file per answer, atomic "
@@ -133,17 +148,16 @@ class CacheConfig(_Strict):
         env = os.environ.get("GMNER_LLM_CACHE")
         if env:
             return Path(env).expanduser()
-        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gmner-pipeline"
-        return base / ("llm-cache.sqlite" if self.backend == "sqlite" else "llm-cache")
+        return user_cache_dir("llm-cache.sqlite" if self.backend == "sqlite" else "llm-cache")
 
 
-class ImageConfig(_Strict):
+class ImageConfig(Strict):
     max_side: int = Field(1024, ge=16, description="longest image side sent to the model, in pixels")
     format: Literal["JPEG", "PNG", "WEBP"] = "JPEG"
     quality: int = Field(90, ge=1, le=100)
 
 
-class EmbeddedConfig(_Strict):
+class EmbeddedConfig(Strict):
     """The local server started for roles that have no endpoints."""
 
     enabled: bool = Field(True, description="false: a role without endpoints is a config error")
@@ -157,7 +171,7 @@ class EmbeddedConfig(_Strict):
     chat_format: str | None = Field(None, description="llama.cpp chat format; default: the template in the GGUF")
 
 
-class LLMConfig(_Strict):
+class LLMConfig(Strict):
     roles: dict[str, RoleConfig] = Field(default_factory=dict, description="one entry per model role")
     cache: CacheConfig = Field(default_factory=CacheConfig)
     images: ImageConfig = Field(default_factory=ImageConfig)

@@ -24,7 +24,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ..hashing import file_sha256
+from ..paths import user_cache_dir
 from .config import EmbeddedConfig, EndpointConfig
 from .process import ServerProcess, free_port
 
@@ -39,8 +39,7 @@ class EmbeddedServerError(RuntimeError):
 
 
 def model_cache_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gmner-pipeline" / "models"
-    return Path(os.environ.get("GMNER_MODEL_CACHE", base))
+    return Path(os.environ.get("GMNER_MODEL_CACHE") or user_cache_dir("models"))
 
 
 def _installed_smollm2() -> Path | None:
@@ -94,21 +93,6 @@ def locate_model(config: EmbeddedConfig, *, fetch: bool = True) -> Path:
     return _fetch_smollm2(cached)
 
 
-def file_digest(path: Path, length: int = 12) -> str:
-    """sha256 of the model file (its revision in the cache key), memoised beside it by size and mtime."""
-    stat = path.stat()
-    memo = model_cache_dir() / "digests" / f"{path.name}.{stat.st_size}.{int(stat.st_mtime)}"
-    if memo.is_file():
-        return memo.read_text().strip()[:length]
-    digest = file_sha256(path)
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        memo.write_text(digest)
-    except OSError:
-        pass
-    return digest[:length]
-
-
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Linux: the server gets SIGTERM when the process that started it dies, even by SIGKILL."""
     try:
@@ -124,7 +108,6 @@ class EmbeddedServer:
         self.config = config or EmbeddedConfig()
         self.process: ServerProcess | None = None
         self.model_path: Path | None = None
-        self.revision: str | None = None
 
     def start(self) -> "EmbeddedServer":
         if importlib.util.find_spec("llama_cpp") is None:
@@ -133,7 +116,6 @@ class EmbeddedServer:
                 "'llama-cpp-python[server]'), or configure endpoints for every LLM role under llm.roles")
         cfg = self.config
         self.model_path = locate_model(cfg)
-        self.revision = file_digest(self.model_path)
         port = free_port()
         argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model_path),
                 "--model_alias", cfg.model_name, "--host", "127.0.0.1", "--port", str(port),

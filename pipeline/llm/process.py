@@ -1,6 +1,6 @@
 """Run a local OpenAI-compatible server as a child process: pick a free port, wait until it answers, stop it for sure.
 
-Shared by the embedded default server (``embedded.py``) and the development vLLM server (``tiny_vllm.py``). The child
+Shared by the embedded default server (``embedded.py``) and the vLLM test server (``tests/support/tiny_vllm.py``). The child
 runs in its own process group so that stopping it also stops anything it spawned (vLLM starts an engine process), and
 an ``atexit`` hook stops it if the parent exits without calling ``stop()`` (Ctrl-C, an exception in the run).
 """

@@ -1,9 +1,9 @@
 """What the runner wraps a run in: endpoints for every LLM role the run's stages declared.
 
     roles = set().union(*(stage_cls.llm_roles(cfg) for ...))
-    with llm_services(run_config.llm, roles) as llm:        # starts the embedded server if some role needs it
-        context.run_config["llm"] = llm.model_dump(mode="json")
-        ...                                                  # workers: LLMClient.from_config(run_config["llm"], role)
+    with llm_services(config.llm, roles) as llm:            # starts the embedded server if some role needs it
+        llm = divide_concurrency(llm, [(roles_of_stage, pool_size), ...])
+        ...                                                  # each stage's StageContext.llm; workers: Stage.llm
 
 Roles with endpoints are used as configured, after a preflight check (``check_endpoints``): a role fails before the run
 when none of its endpoints answers ``GET /models`` listing its model (one dead replica is only a warning). Every needed
@@ -17,21 +17,67 @@ import json
 import logging
 import urllib.error
 import urllib.request
+from collections import Counter
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
-from .config import EndpointConfig, LLMConfig
+from .config import EndpointConfig, LLMConfig, LLMConfigError
 from .embedded import EmbeddedServer
+from .identity import resolved_local, role_identity, role_kind
 
 log = logging.getLogger(__name__)
 
-
-class LLMConfigError(ValueError):
-    """The LLM section cannot serve the run; the message says what to configure."""
+__all__ = ["LLMConfigError", "check_endpoints", "divide_concurrency", "endpoint_problem", "llm_services",
+           "resolve_roles"]
 
 
 def roles_without_endpoints(config: LLMConfig, roles: set[str]) -> list[str]:
-    return sorted(r for r in roles if not config.role(r).endpoints)
+    """The roles the embedded server must serve (local policies need no server)."""
+    return sorted(r for r in roles if role_kind(config.role(r)) == "embedded")
+
+
+def resolve_roles(config: LLMConfig, roles: set[str], embedded: EndpointConfig | None = None) -> LLMConfig:
+    """The config a run's workers get: every role in ``roles`` explicit, the embedded ones pointed at ``embedded``
+    with their identity as ``model_id``, local policies with their base revision filled in. Each role's
+    ``role_identity`` is unchanged by this (and cheap to recompute in a worker)."""
+    resolved = dict(config.roles)
+    for name in sorted(roles):
+        role = config.role(name)
+        kind = role_kind(role)
+        if kind == "embedded":
+            if embedded is None:
+                raise LLMConfigError(f"LLM role {name!r} needs the embedded server, which is not running")
+            role = role.model_copy(update={"endpoints": [embedded], "model_id": role_identity(role, config),
+                                           "revision": None})
+        elif kind == "local":
+            role = role.model_copy(update={"local": resolved_local(role.local)})  # type: ignore[arg-type]
+        resolved[name] = role
+    return config.model_copy(update={"roles": resolved})
+
+
+def divide_concurrency(config: LLMConfig, pools: Iterable[tuple[set[str], int]]) -> LLMConfig:
+    """The config one actor gets: ``max_concurrency`` bounds the requests in flight to an endpoint (a base URL)
+    across the whole run, so each actor that may call it gets ``max_concurrency // actors`` (at least 1: with more
+    actors than that, the bound is the number of actors). ``pools``: per stage, its LLM roles and its pool size; every
+    pool counts, since stages run at the same time. Inside an actor, the roles calling one server share the limit
+    (``context.LLMContext``)."""
+    actors: Counter[str] = Counter()
+    for roles, pool_size in pools:
+        for url in {e.base_url for r in roles for e in config.role(r).endpoints}:
+            actors[url] += pool_size
+    limit: dict[str, int] = {}
+    for role in config.roles.values():
+        for e in role.endpoints:
+            limit[e.base_url] = min(limit.get(e.base_url, e.max_concurrency), e.max_concurrency)
+
+    def share(e: EndpointConfig) -> EndpointConfig:
+        if not actors[e.base_url]:
+            return e
+        return e.model_copy(update={"max_concurrency": max(1, limit[e.base_url] // actors[e.base_url])})
+
+    roles = {name: role.model_copy(update={"endpoints": [share(e) for e in role.endpoints]})
+             for name, role in config.roles.items()}
+    return config.model_copy(update={"roles": roles})
 
 
 def endpoint_problem(endpoint: EndpointConfig, timeout: float = 5.0) -> str | None:
@@ -78,7 +124,7 @@ def llm_services(llm_config: LLMConfig | dict[str, Any] | None, roles: set[str],
         check_endpoints(config, {r for r in roles if config.role(r).endpoints})
     missing = roles_without_endpoints(config, roles)
     if not missing:
-        yield config
+        yield resolve_roles(config, roles)
         return
     if not config.embedded.enabled:
         raise LLMConfigError(
@@ -88,14 +134,6 @@ def llm_services(llm_config: LLMConfig | dict[str, Any] | None, roles: set[str],
     log.info("LLM roles %s have no endpoints: starting the embedded server (%s)", missing, config.embedded.model_name)
     server.start()
     try:
-        roles_cfg = dict(config.roles)
-        for name in missing:
-            role = config.role(name)
-            roles_cfg[name] = role.model_copy(update={
-                "endpoints": [server.endpoint()],
-                "model_id": role.model_id or config.embedded.model_name,
-                "revision": role.revision or server.revision,
-            })
-        yield config.model_copy(update={"roles": roles_cfg})
+        yield resolve_roles(config, roles, server.endpoint())
     finally:
         server.stop()

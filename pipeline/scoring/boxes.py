@@ -1,11 +1,13 @@
 """Box geometry: IoU between boxes and between box sets (an entity may have several boxes).
 
 A box is ``(x1, y1, x2, y2)``, top-left and bottom-right corners. A box with x2 <= x1 or y2 <= y1 has no area: its IoU
-with anything is 0 (a malformed prediction earns nothing, and nothing raises).
+with anything is 0 (a malformed prediction earns nothing, and nothing raises). So is the IoU of boxes whose areas
+overflow a float (coordinates near 1e300): inf / inf must not come out as a perfect match.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Sequence
 
 Box = Sequence[float]
@@ -22,9 +24,10 @@ def iou(a: Box, b: Box) -> float:
     ih = min(float(a[3]), float(b[3])) - max(float(a[1]), float(b[1]))
     inter = max(0.0, iw) * max(0.0, ih)
     union = area(a) + area(b) - inter
-    if union <= 0.0 or inter <= 0.0:
+    if union <= 0.0 or inter <= 0.0 or not math.isfinite(union):
         return 0.0
-    return min(1.0, inter / union)
+    value = inter / union
+    return min(1.0, value) if math.isfinite(value) else 0.0
 
 
 def best_iou(box: Box, gold: Sequence[Box]) -> float:

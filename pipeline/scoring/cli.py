@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..answer import DEFAULT_TYPES
 from .config import EvalConfig, GrpoFilterConfig
 from .evaluate import EvalReport, evaluate
 from .grpo_stats import RULES, filter_report, plot_histograms, stats_from_records
@@ -39,18 +40,24 @@ def eval_command(
                                    "(the first chain's answer)."),
     missing: str = typer.Option("empty", "--missing", help="Gold record without prediction: 'empty' (scored as "
                                 "predicting nothing, and counted) or 'error'."),
+    types: str = typer.Option(",".join(DEFAULT_TYPES), "--types", help="The label set answers are read with "
+                              "(comma-separated; the rewards' default too). Other types the gold has are added."),
 ) -> None:
     """Score predictions against gold: GMNER / MNER / EEG P-R-F1, per type, textual and visual bias, grounding."""
     console = Console()
     try:
         config = EvalConfig(iou_threshold=iou_threshold, strict_iou=strict_iou, pred_boxes=pred_boxes,
                             ignore_spaces=ignore_spaces, case_sensitive=not case_insensitive,
-                            n_metrics_require_type=n_require_type, occurrence=occurrence)
+                            n_metrics_require_type=n_require_type, occurrence=occurrence,
+                            types=tuple(t.strip() for t in types.split(",") if t.strip()))
         if pred_field not in ("entities", "cot") or missing not in ("empty", "error"):
             raise EvalInputError("--pred-field must be 'entities' or 'cot'; --missing must be 'empty' or 'error'")
         gold_records = load_gold(gold, split)
-        types = sorted({e["type"] for r in gold_records for e in r.get("entities") or []})
-        preds = load_predictions(pred, pred_field, types)  # type: ignore[arg-type]
+        extra = sorted({e["type"] for r in gold_records for e in r.get("entities") or []} - set(config.types))
+        if extra:
+            console.print(f"[yellow]the gold has types outside the label set {list(config.types)}: {extra}[/yellow] "
+                          "(added; give training the same set: RewardConfig(types=...))")
+        preds = load_predictions(pred, pred_field, [*config.types, *extra])  # type: ignore[arg-type]
         pairing = pair(gold_records, preds, missing)  # type: ignore[arg-type]
     except (EvalInputError, ValueError, FileNotFoundError) as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}")

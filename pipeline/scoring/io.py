@@ -50,7 +50,10 @@ class Predictions:
 
 def parquet_files(paths: Iterable[Path]) -> list[Path]:
     """Shard files under the given files/folders. A run's output folder (with ``latest.json``) means its final
-    stage's shards, not every stage's."""
+    stage's shards, not every stage's; in a stage folder (with its ``_stage.json``) only committed shards count (a file
+    without its commit marker is being written, or was voided by the runner)."""
+    from ..shards import MANIFEST, committed_shards, is_committed, shard_index
+
     files: list[Path] = []
     for p in paths:
         p = Path(p)
@@ -61,7 +64,13 @@ def parquet_files(paths: Iterable[Path]) -> list[Path]:
                 raise EvalInputError(f"{p / 'latest.json'} has no final_dir ({exc}); pass a stage folder") from exc
             p = final if final.is_absolute() or final.is_dir() else p / final
         if p.is_dir():
-            files += sorted(p.rglob("*.parquet"))
+            if (p / MANIFEST).is_file():
+                files += committed_shards(p)
+                continue
+            for found in sorted(p.rglob("*.parquet")):
+                in_stage_dir = (found.parent / MANIFEST).is_file()
+                if not in_stage_dir or is_committed(found.parent, shard_index(found)):
+                    files.append(found)
         elif p.is_file():
             files.append(p)
         else:
@@ -70,15 +79,13 @@ def parquet_files(paths: Iterable[Path]) -> list[Path]:
 
 
 def read_records(files: Iterable[Path]) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    from ..schema import table_to_records
+    from ..shards import read_records as read_shard
 
     out: list[dict[str, Any]] = []
     where: dict[str, Path] = {}
     for f in files:
         try:
-            records = table_to_records(pq.read_table(f))
+            records = read_shard(f)
         except Exception as exc:
             raise EvalInputError(f"cannot read {f} as a record shard: {exc}") from exc
         for rec in records:
@@ -141,10 +148,16 @@ def _read_jsonl(path: Path, preds: Predictions, types: Collection[str] | None) -
             except json.JSONDecodeError as exc:
                 preds.problems.append(f"{where}: not JSON ({exc.msg})")
                 continue
+            except (ValueError, RecursionError) as exc:  # an integer beyond Python's digit limit, nesting too deep
+                preds.problems.append(f"{where}: unreadable JSON ({type(exc).__name__}: {str(exc)[:120]})")
+                continue
             if not isinstance(obj, dict) or "id" not in obj:
                 preds.problems.append(f"{where}: expected an object with an 'id'")
                 continue
-            _add(preds, str(obj["id"]), _from_object(obj, where, types))
+            pred = _from_object(obj, where, types)
+            if "triples" in obj:  # a triple that cannot be used (e.g. a non-finite coordinate) is reported, and skipped
+                preds.problems.extend(pred.errors)
+            _add(preds, str(obj["id"]), pred)
 
 
 def _from_object(obj: dict[str, Any], where: str, types: Collection[str] | None) -> Prediction:
@@ -171,7 +184,10 @@ def _from_object(obj: dict[str, Any], where: str, types: Collection[str] | None)
 
 def _from_record(rec: dict[str, Any], pred_field: str, types: Collection[str] | None) -> Prediction:
     if pred_field == "entities":
-        return Prediction(gold_triples(rec))
+        try:
+            return Prediction(gold_triples(rec))
+        except ValueError as exc:  # a box that is not four finite numbers
+            return Prediction([], "unparsable", [f"{rec['id']}: {exc}"])
     chains = (rec.get("cot") or {}).get("chains") or []
     if not chains:
         return Prediction([], "empty", [f"{rec['id']}: no CoT chain"])
@@ -197,6 +213,11 @@ def pair(gold: list[dict[str, Any]], preds: Predictions, missing: Literal["empty
         if rec.get("status", STATUS_OK) != STATUS_OK:
             skipped += 1
             continue
+        try:
+            gold_of_rec = gold_triples(rec)
+        except ValueError:  # a gold box that is not four finite numbers: the record is not scored (counted)
+            skipped += 1
+            continue
         key = next((k for k in (rec["id"], rec.get("sample_key")) if k is not None and k in preds.by_id), None)
         if key is None:
             missing_ids.append(rec["id"])
@@ -204,7 +225,7 @@ def pair(gold: list[dict[str, Any]], preds: Predictions, missing: Literal["empty
         else:
             used.add(key)
             pred = preds.by_id[key]
-        samples.append(Sample(id=rec["id"], gold=gold_triples(rec), pred=pred.triples, tokens=rec.get("tokens"),
+        samples.append(Sample(id=rec["id"], gold=gold_of_rec, pred=pred.triples, tokens=rec.get("tokens"),
                               grounded=rec.get("grounding_labels") != GROUNDING_ABSENT, parse_status=pred.status))
     if missing_ids and missing == "error":
         raise EvalInputError(f"{len(missing_ids)} gold records have no prediction (first: {missing_ids[:3]}); "

@@ -7,6 +7,8 @@ from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
+from gmner_pipeline.answer import format_box
+
 # COCO-80 in the contiguous index order mmdet, mmdeploy and most exports use (label i -> COCO_CLASSES[i]).
 COCO_CLASSES: tuple[str, ...] = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -79,10 +81,10 @@ def annotation_text(boxes: Iterable[dict], *, normalise_to: tuple[int, int] | No
     parts = []
     for item in boxes:
         if normalise_to is not None:
-            coords = ",".join(f"{v:.3f}" for v in normalise_box(item["box"], *normalise_to))
+            box = "[" + ",".join(f"{v:.3f}" for v in normalise_box(item["box"], *normalise_to)) + "]"
         else:
-            coords = ",".join(str(int(round(v))) for v in item["box"])
-        parts.append(f"{item['label']}: [{coords}]")
+            box = format_box(item["box"])
+        parts.append(f"{item['label']}: {box}")
     return separator.join(parts)
 
 

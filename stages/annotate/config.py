@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from gmner_pipeline.configbase import Strict
 from gmner_pipeline.stage import StageConfig
 
 # mmdet's RTMDet data_preprocessor (COCO configs): BGR input, these means/stds in BGR order.
@@ -13,11 +14,7 @@ RTMDET_MEAN_BGR = (103.53, 116.28, 123.675)
 RTMDET_STD_BGR = (57.375, 57.12, 58.395)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class OnnxDetectorConfig(_Strict):
+class OnnxDetectorConfig(Strict):
     """An RTMDet ONNX export run by onnxruntime, with the model's own preprocessing (defaults: mmdet's RTMDet)."""
 
     backend: Literal["onnxruntime"] = "onnxruntime"
@@ -45,7 +42,7 @@ class OnnxDetectorConfig(_Strict):
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0 = its default)")
 
 
-class MmdetDetectorConfig(_Strict):
+class MmdetDetectorConfig(Strict):
     """RTMDet (or another mmdet detector whose ops the mmcv shim covers) through mmdet's own inference API."""
 
     backend: Literal["mmdet"] = "mmdet"

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gmner_pipeline.stage import Record, Stage, StageSetupError, Timer, active, mark_error
+from gmner_pipeline.stage import Record, Stage, StageSetupError, mark_error
 
 from .backends import DetectorBackend, backend_class
 from .boxes import COCO_CLASSES, MalformedDetection, RawDetection, annotation_text, select_top_k, to_schema_boxes
@@ -40,12 +40,11 @@ class AnnotateStage(Stage):
     name = "annotate"
     version = "1"
     Config = AnnotateConfig
+    reads = frozenset({"image"})
+    writes = frozenset({"detections"})
 
-    def __init__(self, config: AnnotateConfig, context=None):
-        super().__init__(config, context)
-        self.backend: DetectorBackend | None = None
-        self.class_names: Sequence[str] = COCO_CLASSES
-        self.stats: Counter[str] = Counter()
+    config: AnnotateConfig
+    backend: DetectorBackend | None = None
 
     @classmethod
     def preflight(cls, config: AnnotateConfig) -> None:
@@ -57,37 +56,35 @@ class AnnotateStage(Stage):
         backend.preflight(config.detector)
 
     def setup(self) -> None:
-        self.backend = backend_class(self.config.detector.backend)(self.config.detector)
-        self.class_names = self.config.class_names or self.backend.class_names or COCO_CLASSES
+        self.attach(backend_class(self.config.detector.backend)(self.config.detector))
+
+    def attach(self, backend: DetectorBackend) -> None:
+        """Use this detector (``setup`` builds it from the config; tests and benchmarks inject theirs)."""
+        self.backend = backend
+        self.class_names: Sequence[str] = self.config.class_names or backend.class_names or COCO_CLASSES
+        self.model_ids = [backend.model_id]
+        self.stats: Counter[str] = Counter()
 
     def close(self) -> None:
+        if self.backend is None:
+            return
         if self.stats:
             logger.info("annotate: %s", ", ".join(f"{k}={v}" for k, v in sorted(self.stats.items())))
-        if self.backend is not None:
-            self.backend.close()
-            self.backend = None
+        self.backend.close()
+        self.backend = None
 
-    def __call__(self, records: list[Record]) -> list[Record]:
-        if self.backend is None:
-            self.setup()
-        with Timer() as timer:
-            todo = [r for r in records if active(r) and self._has_image_path(r)]
-            size = self.config.inference_batch_size
-            chunks = [todo[start:start + size] for start in range(0, len(todo), size)]
-            # Decode the next batch in threads while the detector runs on this one (PIL and the engines release
-            # the GIL), so that image decoding hides behind inference instead of adding to it.
-            with ThreadPoolExecutor(max_workers=self.config.decode_workers) as pool:
-                pending = self._decode(pool, chunks[0]) if chunks else None
-                for k in range(len(chunks)):
-                    decoded = [(record, self._image_or_error(record, future.result())) for record, future in pending]
-                    pending = self._decode(pool, chunks[k + 1]) if k + 1 < len(chunks) else None
-                    self._annotate_batch([(r, image) for r, image in decoded if image is not None])
-        if todo:
-            share = timer.seconds / len(todo)
-            for record in todo:
-                if active(record):
-                    record["lineage"] = [*(record.get("lineage") or []),
-                                         self.lineage_entry(model_ids=[self.backend.model_id], seconds=share)]
+    def process(self, records: list[Record]) -> list[Record]:
+        todo = [r for r in records if self._has_image_path(r)]
+        size = self.config.inference_batch_size
+        chunks = [todo[start:start + size] for start in range(0, len(todo), size)]
+        # Decode the next batch in threads while the detector runs on this one (PIL and the engines release the
+        # GIL), so that image decoding hides behind inference instead of adding to it.
+        with ThreadPoolExecutor(max_workers=self.config.decode_workers) as pool:
+            pending = self._decode(pool, chunks[0]) if chunks else None
+            for k in range(len(chunks)):
+                decoded = [(record, self._image_or_error(record, future.result())) for record, future in pending]
+                pending = self._decode(pool, chunks[k + 1]) if k + 1 < len(chunks) else None
+                self._annotate_batch([(r, image) for r, image in decoded if image is not None])
         return records
 
     def _has_image_path(self, record: Record) -> bool:

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from gmner_pipeline.configbase import Strict
 from gmner_pipeline.prompts import prompt_hash
 from gmner_pipeline.stage import StageConfig
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ClipConfig(_Strict):
+class ClipConfig(Strict):
     """Which CLIP model scores candidates. Weights must be real: there is no random-weight fallback."""
 
     model: str = Field(
@@ -50,7 +47,7 @@ class ClipConfig(_Strict):
         return value
 
 
-class DownloadConfig(_Strict):
+class DownloadConfig(Strict):
     """Limits of the safe image downloader (web search results and URL lists)."""
 
     max_bytes: int = Field(10_000_000, ge=1024, description="largest accepted response body")
@@ -72,7 +69,7 @@ class DownloadConfig(_Strict):
     )
 
 
-class LocalCorpusSource(_Strict):
+class LocalCorpusSource(Strict):
     kind: Literal["local_corpus"] = "local_corpus"
     path: str = Field(..., description="a folder of images, a Parquet file/folder, a WebDataset .tar/folder, or a .txt "
                       "list of image paths/URLs (one per line)")
@@ -87,7 +84,7 @@ class LocalCorpusSource(_Strict):
                                  "when faiss is installed; numpy otherwise")
 
 
-class WebSearchSource(_Strict):
+class WebSearchSource(Strict):
     """A JSON image-search HTTP API: GET endpoint?q=...&count=N, results at ``results_path``, URL at ``url_field``."""
 
     kind: Literal["web_api"] = "web_api"

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gmner_pipeline.atomic import atomic_open
+from gmner_pipeline.paths import user_cache_dir
 
 from .config import LocalCorpusSource
 from .images import IMAGE_SUFFIXES, UnreadableImage, open_checked, sha256_hex, store_content_addressed, to_rgb
@@ -185,8 +186,7 @@ def default_index_dir(corpus_path: str) -> Path:
     beside = corpus.parent / f"{corpus.name}.clip-index"
     if os.access(corpus.parent, os.W_OK) or os.access(beside, os.W_OK):
         return beside
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gmner-pipeline" / "clip-index"
-    return cache / f"{corpus.name}-{sha256_hex(str(corpus).encode())[:12]}"
+    return user_cache_dir("clip-index") / f"{corpus.name}-{sha256_hex(str(corpus).encode())[:12]}"
 
 
 @dataclass

@@ -4,16 +4,16 @@ it reaches alpha. Records that already carry an image pass through unchanged."""
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gmner_pipeline.paths import user_cache_dir
 from gmner_pipeline.prompts import prompt_hash
 from gmner_pipeline.schema import GROUNDING_ABSENT
-from gmner_pipeline.stage import Record, Stage, StageSetupError, Timer, active, mark_dropped, mark_error
+from gmner_pipeline.stage import Record, Stage, StageSetupError, mark_dropped, mark_error
 
 from .clip_model import ClipEncoder, check_weights
 from .config import RetrieveConfig
@@ -30,13 +30,15 @@ def default_store_dir(cfg: RetrieveConfig, output_dir: str) -> Path:
         return Path(cfg.download.store_dir).expanduser()
     if output_dir:
         return Path(output_dir) / "images"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gmner-pipeline" / "images"
+    return user_cache_dir("images")
 
 
 class RetrieveStage(Stage):
     name = "retrieve"
     version = "1"
     Config = RetrieveConfig
+    reads = frozenset()  # the sample's text and entities
+    writes = frozenset({"retrieval", "image"})
 
     config: RetrieveConfig
 
@@ -70,6 +72,7 @@ class RetrieveStage(Stage):
         """Use this encoder and source (``setup`` builds them from the config; tests and benchmarks inject theirs)."""
         self.template = load_template(self.config.query_template)
         self.prompt_hash = prompt_hash(self.config.query_template)
+        self.model_ids = [encoder.model_id]
         self.encoder = encoder
         self.source = source
         self.counts: Counter[str] = Counter()
@@ -82,28 +85,20 @@ class RetrieveStage(Stage):
 
     # --- one batch ----------------------------------------------------------------------------------------------------
 
-    def __call__(self, records: list[Record]) -> list[Record]:
+    def accepts(self, record: Record) -> bool:
+        return not record.get("image")  # records that already carry an image pass through unchanged
+
+    def process(self, records: list[Record]) -> list[Record]:
         cfg = self.config
-        with Timer() as timer:
-            work: list[Record] = []
-            touched: list[Record] = []
-            for rec in records:
-                if not active(rec) or rec.get("image"):
-                    continue
-                touched.append(rec)
-                if too_long(rec, cfg.max_tokens):
-                    mark_dropped(rec, self.name, TOO_LONG,
-                                 f"{sentence_length(rec)} tokens > max_tokens={cfg.max_tokens}")
-                    self.counts[TOO_LONG] += 1
-                else:
-                    work.append(rec)
-            if work:
-                self._retrieve(work)
-        seconds = timer.seconds / max(len(touched), 1)
-        for rec in touched:
-            rec["lineage"] = list(rec.get("lineage") or []) + [
-                self.lineage_entry(model_ids=[self.encoder.model_id], prompt_hash=self.prompt_hash, seconds=seconds)
-            ]
+        work: list[Record] = []
+        for rec in records:
+            if too_long(rec, cfg.max_tokens):
+                mark_dropped(rec, self.name, TOO_LONG, f"{sentence_length(rec)} tokens > max_tokens={cfg.max_tokens}")
+                self.counts[TOO_LONG] += 1
+            else:
+                work.append(rec)
+        if work:
+            self._retrieve(work)
         return records
 
     def _retrieve(self, work: list[Record]) -> None:

@@ -10,6 +10,8 @@ import logging
 import pytest
 
 from gmner_pipeline.llm.client import LLMClient
+from gmner_pipeline.llm.config import LLMConfig
+from gmner_pipeline.llm.identity import role_identity
 from gmner_pipeline.llm.process import is_ready
 from gmner_pipeline.llm.request import LLMRequest
 from gmner_pipeline.llm.services import llm_services
@@ -27,7 +29,8 @@ def test_embedded_smollm2_answers_through_the_client(tmp_path):
         judge, teacher = resolved.role("judge"), resolved.role("teacher")
         assert judge.endpoints == teacher.endpoints  # one server shared by the roles without endpoints
         base_url = judge.endpoints[0].base_url
-        assert judge.identity().startswith("smollm2-135m-instruct@")  # GGUF digest as the revision
+        assert role_identity(judge) == role_identity(LLMConfig.coerce(config).role("judge"), LLMConfig.coerce(config))
+        assert role_identity(judge).startswith("smollm2-135m-instruct@")  # the GGUF's sha256 as the revision
         with LLMClient.from_config(resolved.model_dump(mode="json"), "judge") as client:
             res = client.complete(LLMRequest(messages=[{"role": "user", "content": "What is the capital of France?"}]))
             assert res.ok, res.error

@@ -20,7 +20,7 @@ from gmner_pipeline.llm.config import EndpointConfig, LLMConfig, RetryConfig, Ro
 from gmner_pipeline.llm.process import free_port
 from gmner_pipeline.llm.request import BAD_REQUEST, LLMRequest
 from gmner_pipeline.llm.images import user_message
-from gmner_pipeline.llm.tiny_vllm import MODEL_NAME, ensure_vllm, start_vllm
+from support.tiny_vllm import MODEL_NAME, ensure_vllm, start_vllm
 
 # the first test pays for the vLLM build (minutes on a fresh machine): allow it whatever the global timeout
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]

@@ -45,6 +45,7 @@ def test_grpo_trainer_calls_the_reward_with_the_gold_column(tmp_path):
 
     completions, golds, out = seen[0]
     assert sorted(golds) == ["Obama|PER|None"] * 2 + ["Paris|LOC|None"] * 2
-    assert out == [gmner_reward(c, parse_answer(g).triples).total for c, g in zip(completions, golds)]
+    assert out == [gmner_reward(c, parse_answer(g).triples).total for c, g in zip(completions, golds)]  # same numbers
     logged = trainer.state.log_history[0]
     assert "rewards/gmner_total/mean" in logged and "gmner/unparsable" in logged and "gmner/span" in logged
+    assert "gmner/format" in logged and "gmner/zeroed" in logged

@@ -83,11 +83,12 @@ def test_the_reward_scores_completions_in_original_pixels():
     from gmner_pipeline.train.rewards import policy_reward
 
     frame = FrameConfig(kind="qwen2_vl")
-    reward = policy_reward(RewardConfig(), frame, types=("PER", "LOC"))
-    in_frame = "<answer>Alice Smith|PER|[100,62,500,875]; Paris|LOC|None</answer>"  # 100x80 image, 0-1000 frame
-    in_pixels = f"<answer>{ANSWER}</answer>"
+    config = RewardConfig(types=("PER", "LOC"))
+    reward = policy_reward(config, frame)
+    in_frame = "<think>x</think><answer>Alice Smith|PER|[100,62,500,875]; Paris|LOC|None</answer>"  # 100x80, 0-1000
+    in_pixels = f"<think>x</think><answer>{ANSWER}</answer>"
     got = reward(None, [in_frame, in_pixels], gold=[ANSWER, ANSWER], width=[100, 100], height=[80, 80])
     assert got[0] == pytest.approx(1.0)  # mapped back, it is the gold answer
     assert got[1] < 1.0  # pixel boxes read as 0-1000 coordinates land elsewhere
-    plain = policy_reward(RewardConfig(), FrameConfig(), types=("PER", "LOC"))
+    plain = policy_reward(config, FrameConfig())
     assert plain(None, [in_pixels], gold=[ANSWER], width=[100], height=[80]) == [pytest.approx(1.0)]

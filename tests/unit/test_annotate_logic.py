@@ -179,7 +179,7 @@ def write_image(path, colour=(0, 128, 0), size=(40, 30)):
 
 def make_stage(backend, **cfg):
     stage = AnnotateStage(AnnotateConfig.model_validate({"detector": {"backend": "onnxruntime", "path": "x"}, **cfg}))
-    stage.backend = backend
+    stage.attach(backend)
     return stage
 
 

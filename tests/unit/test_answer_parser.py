@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gmner_pipeline.answer import (PARSE_STATUSES, Triple, extract_answer, format_answer, format_turn, parse_answer,
-                                   same_triples)
+                                   same_triples, scan_boxes)
 
 TYPES = ["PER", "LOC", "ORG", "OTHER"]
 OBAMA = Triple("Barack Obama", "PER", ((1.0, 2.0, 30.0, 40.0),))
@@ -146,3 +146,25 @@ def test_format_parse_round_trip(triples):
     got = parse_answer(format_turn("because", format_answer(triples)))
     assert got.status == "ok", (format_answer(triples), got)
     assert same_triples(got.triples, triples)
+
+
+def test_prose_read_past_is_listed_as_skipped():
+    got = read("Entities found:\nObama|PER|None\nThat is all.")
+    assert got.ok and got.triples == [Triple("Obama", "PER", None)]
+    assert got.skipped == ["Entities found:", "That is all."]
+    assert read("```\nObama|PER|None\n``` bye").skipped == ["bye"]
+    assert read("Answer: Obama|PER|None").skipped == []  # a lead-in is understood, not skipped
+
+
+@pytest.mark.parametrize("text,boxes", [
+    ("[1,2,3,4]", [(1, 2, 3, 4)]), ("[ 1 , 2 ,3 4 ]", [(1, 2, 3, 4)]), ("(1,2,3,4)", [(1, 2, 3, 4)]),
+    ("(1, 2) , (3, 4)", [(1, 2, 3, 4)]), ("(1,2)(3,4)", [(1, 2, 3, 4)]), ("[-1.5,2e1,3,+4]", [(-1.5, 20, 3, 4)]),
+    ("[1,2,3,4],[5,6,7,8]", [(1, 2, 3, 4), (5, 6, 7, 8)]), ("[1,2,3,4]; [5,6,7,8]", [(1, 2, 3, 4), (5, 6, 7, 8)]),
+    ("[[1,2,3,4] [5,6,7,8]]", [(1, 2, 3, 4), (5, 6, 7, 8)]), ("[(1,2),(3,4)]", [(1, 2, 3, 4)]),
+    ("[1,2,3]", None), ("[1,,2,3,4]", None), ("[1-2,3,4]", None), ("[[1,2,3,4]", None), ("[1,2,3,4]]", None),
+    ("[1,2,3,4],", None), ("[1,2,3,4px]", None), ("1,2,3,4", None), ("", None), ("[1e999,2,3,4]", None),
+])
+def test_box_scanner(text, boxes):
+    got, why = scan_boxes(text)
+    assert got == (None if boxes is None else tuple(tuple(float(v) for v in b) for b in boxes))
+    assert (why is None) == (boxes is not None)

@@ -110,8 +110,12 @@ class TeacherStage(Stage):
 def test_llm_stage_keys_follow_model_and_sampling_but_not_endpoints(tmp_path):
     plugin = "test_config_and_plan:TeacherStage"
 
+    gguf = tmp_path / "model.gguf"  # the embedded server's model, so that planning fetches nothing
+    gguf.write_bytes(b"GGUF one")
+
     def key(*sets):
-        return plan_run(cfg(tmp_path, f"pipeline=[passthrough, '{plugin}']", *sets)).stages
+        return plan_run(cfg(tmp_path, f"pipeline=[passthrough, '{plugin}']", f"llm.embedded.model_path={gguf}",
+                            *sets)).stages
 
     ep = "llm.roles.teacher.endpoints=[{base_url: 'http://a:8000/v1', model: qwen-72b}]"
     base = key(ep)
@@ -122,3 +126,26 @@ def test_llm_stage_keys_follow_model_and_sampling_but_not_endpoints(tmp_path):
     assert base[0].key == new_teacher[0].key == embedded[0].key  # passthrough calls no LLM
     assert moved[1].key == base[1].key  # other replicas of the same model: reuse
     assert len({base[1].key, new_teacher[1].key, hotter[1].key, embedded[1].key}) == 4
+
+
+def test_another_embedded_gguf_or_adapter_is_another_model(tmp_path):
+    # The stage key of an embedded role used to ignore llm.embedded.model_path: another GGUF reused the old outputs.
+    plugin = "test_config_and_plan:TeacherStage"
+    one, two = tmp_path / "one.gguf", tmp_path / "two.gguf"
+    one.write_bytes(b"GGUF one")
+    two.write_bytes(b"GGUF two")
+
+    def key(*sets):
+        return plan_run(cfg(tmp_path, f"pipeline=['{plugin}']", *sets)).stages[0].key
+
+    assert key(f"llm.embedded.model_path={one}") != key(f"llm.embedded.model_path={two}")
+    assert key(f"llm.embedded.model_path={one}") == key(f"llm.embedded.model_path={one}")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"step 100")
+    local = "llm.roles.teacher.local={base_model: tiny-qwen, adapter: " + str(adapter) + "}"
+    before = key(local)
+    (adapter / "adapter_model.safetensors").write_bytes(b"step 200")
+    assert key(local) != before
+    with pytest.raises(ConfigError, match="does not exist"):
+        key("llm.roles.teacher.local={base_model: tiny-qwen, adapter: " + str(tmp_path / "none") + "}")

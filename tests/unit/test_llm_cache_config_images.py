@@ -14,6 +14,7 @@ from gmner_pipeline.llm.cache import FileCache, SqliteCache, open_cache, request
 from gmner_pipeline.llm.config import CacheConfig, EndpointConfig, ImageConfig, LLMConfig, RoleConfig
 from gmner_pipeline.llm.images import encode_image, image_part, resize_to_fit, user_message
 from gmner_pipeline.llm.request import Choice, LLMResult
+from gmner_pipeline.llm.identity import role_identity
 from gmner_pipeline.llm.services import LLMConfigError, llm_services
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -102,7 +103,7 @@ def test_config_rejects_unknown_keys_and_mixed_models():
     with pytest.raises(ValidationError, match="http"):
         EndpointConfig(base_url="localhost:8000", model="x")
     role = RoleConfig(endpoints=[EndpointConfig(base_url="http://a/v1/", model="x")], revision="abc")
-    assert role.identity() == "x@abc" and role.endpoints[0].base_url == "http://a/v1"
+    assert role_identity(role) == "x@abc" and role.endpoints[0].base_url == "http://a/v1"
     assert LLMConfig().role("anything").endpoints == []
 
 
@@ -149,7 +150,7 @@ def test_services_pass_configured_roles_through_and_explain_missing_ones():
 
 def test_preflight_fails_a_role_with_no_working_endpoint_and_tolerates_one_dead_replica(caplog):
     from gmner_pipeline.llm.process import free_port
-    from gmner_pipeline.llm.testing import FakeOpenAI
+    from gmner_pipeline.testing import FakeOpenAI
 
     dead = {"base_url": f"http://127.0.0.1:{free_port()}/v1", "model": "fake-model"}
     with FakeOpenAI() as srv:

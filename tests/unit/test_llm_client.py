@@ -13,7 +13,7 @@ from gmner_pipeline.llm.cache import SqliteCache
 from gmner_pipeline.llm.client import LLMClient, NoEndpoint
 from gmner_pipeline.llm.config import CircuitConfig, LLMConfig, RetryConfig, RoleConfig, SamplingConfig
 from gmner_pipeline.llm.request import BAD_REQUEST, EXHAUSTED, MALFORMED, LLMRequest
-from gmner_pipeline.llm.testing import Fault, FakeOpenAI
+from gmner_pipeline.testing import Fault, FakeOpenAI
 
 FAST = RetryConfig(initial_backoff_s=0.01, max_backoff_s=0.05, jitter_s=0.01, max_attempts=8, max_total_s=20)
 

@@ -50,12 +50,17 @@ def test_locate_model_uses_the_user_cache(tmp_path, monkeypatch):
     assert locate_model(EmbeddedConfig(), fetch=False) == tmp_path / embedded.SMOLLM2_FILE
 
 
-def test_file_digest_is_memoised(tmp_path, monkeypatch):
-    monkeypatch.setenv("GMNER_MODEL_CACHE", str(tmp_path / "cache"))
+def test_the_embedded_identity_is_the_gguf_digest(tmp_path):
+    # the GGUF's sha256 (hashing.file_sha256, memoised per process) is the embedded role's revision
+    from gmner_pipeline.hashing import file_sha256
+    from gmner_pipeline.llm.config import LLMConfig, RoleConfig
+    from gmner_pipeline.llm.identity import role_identity
+
     f = tmp_path / "m.gguf"
     f.write_bytes(b"x" * 1000)
-    first = embedded.file_digest(f)
-    assert len(first) == 12 and embedded.file_digest(f) == first
+    llm = LLMConfig(embedded=EmbeddedConfig(model_path=str(f)))
+    first = role_identity(RoleConfig(), llm)
+    assert first == f"smollm2-135m-instruct@{file_sha256(f)[:12]}" and role_identity(RoleConfig(), llm) == first
 
 
 def test_missing_llama_cpp_says_what_to_install(monkeypatch):

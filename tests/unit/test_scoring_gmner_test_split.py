@@ -174,6 +174,24 @@ def test_cli_self_score_through_a_prediction_file(records, gold, tmp_path):
     assert d["parse_status"] == {"ok": N_TWEETS}
 
 
+def test_mean_reward_of_the_corrupted_copies(gold):
+    """The mean R column of docs/scoring.md, for the default rewards and for MCR's (pair means over k)."""
+    dropped, changed = pick(all_entities(gold), salt=1), pick(all_entities(gold), salt=2)
+    shifted = pick([(i, j) for i, j in all_entities(gold) if gold[i][j].boxes is not None], salt=3)
+    copies = {
+        "drop": [[t for j, t in enumerate(ts) if (i, j) not in dropped] for i, ts in enumerate(gold)],
+        "retype": [[Triple(t.entity, retype(ts, j), t.boxes) if (i, j) in changed else t for j, t in enumerate(ts)]
+                   for i, ts in enumerate(gold)],
+        "shift": [[Triple(t.entity, t.type, tuple(moved(b, t.boxes) for b in t.boxes)) if (i, j) in shifted else t
+                   for j, t in enumerate(ts)] for i, ts in enumerate(gold)],
+    }
+    expected = {"drop": (0.9085, 0.9504), "retype": (0.9807, 0.9807), "shift": (0.9913, 0.9913)}
+    for name, preds in copies.items():
+        got = [sum(reward_components(p, g, cfg).total for p, g in zip(preds, gold)) / len(gold)
+               for cfg in (RewardConfig(), RewardConfig.mcr())]
+        assert got == [pytest.approx(v, abs=5e-5) for v in expected[name]], name
+
+
 @pytest.mark.parametrize("split", ["train", "dev", "test"])
 def test_every_gold_answer_round_trips_through_the_parser(split):
     from gmner_pipeline.answer import parse_answer, same_triples

@@ -78,21 +78,29 @@ def test_type_and_entailment_rewards():
 
 def test_weighted_total():
     gold = [T("Obama", "PER", None)]
-    pred = [T("Obama", "LOC", None), T("Paris", "LOC", None)]  # R_c 0.6, R_s 1, R_t 0, R_u 1, R_e 1
-    r = reward_components(pred, gold, RewardConfig(weights={"count": 2, "type": 1, "span": 1, "grounding": 0,
-                                                            "entailment": 0}))
+    pred = [T("Obama", "LOC", None), T("Paris", "LOC", None)]  # MCR: R_c 0.6, R_s 1, R_t 0, R_u 1, R_e 1
+    weights = {"count": 2, "type": 1, "span": 1, "grounding": 0, "entailment": 0}
+    r = reward_components(pred, gold, RewardConfig.mcr(weights=weights))
     assert (r.count, r.span, r.type) == (pytest.approx(0.6), 1.0, 0.0)
     assert r.total == pytest.approx((2 * 0.6 + 1) / 4)
-    raw = reward_components(pred, gold, RewardConfig(weights={"count": 2, "type": 1, "span": 1, "grounding": 0,
-                                                              "entailment": 0}, normalize_weights=False))
+    raw = reward_components(pred, gold, RewardConfig.mcr(weights=weights, normalize_weights=False))
     assert raw.total == pytest.approx(2 * 0.6 + 1)
+    # the default means over max(p, q) = 2: the spurious Paris counts 0 in R_s
+    r = reward_components(pred, gold, RewardConfig(weights=weights))
+    assert (r.count, r.span, r.type) == (pytest.approx(0.6), 0.5, 0.0)
+    assert r.total == pytest.approx((2 * 0.6 + 0.5) / 4)
+    # a format weight adds the format component to the weighted sum
+    both = RewardConfig(weights=weights | {"format": 1}, require_format=False)
+    assert gmner_reward("Obama|LOC|None; Paris|LOC|None", gold, both).total == pytest.approx((2 * 0.6 + 0.5) / 5)
+    assert gmner_reward("<think>x</think><answer>Obama|LOC|None; Paris|LOC|None</answer>", gold,
+                        both).total == pytest.approx((2 * 0.6 + 0.5 + 1) / 5)
 
 
 def test_edge_cases():
     gold = [T("Obama", "PER", None)]
-    assert reward_components([], []).as_dict() | {"status": "ok"} == {
-        "count": 1.0, "span": 1.0, "type": 1.0, "grounding": 1.0, "entailment": 1.0, "total": 1.0,
-        "p": 0, "q": 0, "k": 0, "status": "ok"}
+    assert reward_components([], []).as_dict() == {
+        "count": 1.0, "span": 1.0, "type": 1.0, "grounding": 1.0, "entailment": 1.0, "format": 1.0, "total": 1.0,
+        "p": 0, "q": 0, "k": 0, "status": "ok", "zero_reason": None}
     r = reward_components([], gold)  # p = 0 < q: R_c = 0 and k = 0
     assert (r.count, r.span, r.type, r.grounding, r.entailment, r.total, r.k) == (0, 0, 0, 0, 0, 0, 0)
     r = reward_components(gold, [])  # p > q = 0
@@ -100,12 +108,16 @@ def test_edge_cases():
     for status in ("unparsable", "empty"):
         assert reward_components(ParsedAnswer(gold, status), gold).total == 0.0
     partial = ParsedAnswer(gold, "partial", ["x"])
-    assert reward_components(partial, gold).total == 1.0
-    assert reward_components(partial, gold, RewardConfig(partial_is_unparsable=True)).total == 0.0
+    assert reward_components(partial, gold, RewardConfig(partial_is_unparsable=False)).total == 1.0
+    assert reward_components(partial, gold).total == 0.0
+    assert reward_components(partial, gold).zero_reason == "partial"
     assert gmner_reward("complete nonsense", gold).total == 0.0
-    assert gmner_reward("None", []).total == 1.0
-    assert gmner_reward("<answer>Obama|PER|None</answer>", gold).total == 1.0
-    assert gmner_reward("Obama|PER|None", gold, RewardConfig(require_answer_tags=True)).total == 0.0
+    assert gmner_reward("<think>x</think><answer>None</answer>", []).total == 1.0
+    assert gmner_reward("<think>x</think><answer>Obama|PER|None</answer>", gold).total == 1.0
+    assert gmner_reward("None", [], RewardConfig.mcr()).total == 1.0
+    assert gmner_reward("<answer>Obama|PER|None</answer>", gold, RewardConfig.mcr()).total == 1.0
+    untagged = gmner_reward("Obama|PER|None", gold)
+    assert (untagged.total, untagged.format, untagged.zero_reason) == (0.0, 0.0, "format: no <think> tag")
 
 
 def test_zero_overlap_pairs_option():
@@ -140,8 +152,8 @@ def test_trl_adapter_signature_and_formats():
     logged = {}
     completions = [
         "<think>t</think><answer>Obama|PER|None</answer>",                      # standard format
-        [{"role": "assistant", "content": "<answer>Obama|PER|None</answer>"}],  # conversational format
-        [{"role": "assistant", "content": [{"type": "text", "text": "<answer>None</answer>"}]}],
+        [{"role": "assistant", "content": "<think>t</think><answer>Obama|PER|None</answer>"}],  # conversational
+        [{"role": "assistant", "content": [{"type": "text", "text": "<think>t</think><answer>None</answer>"}]}],
         "garbage",
         "Obama|PER|None",
     ]
@@ -154,9 +166,13 @@ def test_trl_adapter_signature_and_formats():
                  log_metric=lambda k, v: logged.__setitem__(k, v), log_extra=lambda *a: None, completion_ids=[])
     assert out == [1.0, 1.0, 1.0, 0.0, None]
     assert logged["gmner/unparsable"] == pytest.approx(0.25) and logged["gmner/count"] == pytest.approx(0.75)
+    assert logged["gmner/format"] == pytest.approx(0.75) and logged["gmner/zeroed"] == pytest.approx(0.25)
     span = make_trl_reward(component="span", gold_column="solution")
     assert span.__name__ == "gmner_span"
-    assert span(["p"], ["Barack Obama|PER|None"], solution=["Obama|PER|None"]) == [pytest.approx(2 / 3)]
+    assert span(["p"], ["<think>t</think><answer>Barack Obama|PER|None</answer>"],
+                solution=["Obama|PER|None"]) == [pytest.approx(2 / 3)]
+    fmt = make_trl_reward(component="format")
+    assert fmt(["p"] * 2, ["<think>t</think><answer>x</answer>", "<answer>x</answer>"], gold=["None"] * 2) == [1, 0]
     with pytest.raises(KeyError, match="gold"):
         reward(["p"], ["x"])
     with pytest.raises(ValueError):

@@ -16,6 +16,8 @@ from gmner_pipeline.config import RunConfig
 from gmner_pipeline.schema import (
     GROUNDING_ABSENT, STATUS_DROPPED, STATUS_ERROR, empty_record, records_to_table, table_to_records,
 )
+from gmner_pipeline.splits import D1, D2, DatasetConfig, dataset_split
+from gmner_pipeline import testing as harness
 from gmner_pipeline.stage import StageContext
 from gmner_pipeline.stages import load_stage
 from gmner_pipeline.stages.template_cot import (
@@ -43,8 +45,8 @@ def tweet(key: str = "1", entities=None, tokens=None, **fields):
 
 
 def run_stage(records, seed=0, **config):
-    stage = TemplateCoTStage(TemplateCoTConfig(**config), StageContext(seed=seed))
-    return stage(records)
+    return harness.run_stage(TemplateCoTStage, records, TemplateCoTConfig(**config), context={"seed": seed},
+                             schema_check=False)
 
 
 def test_registered_and_default_config():
@@ -278,3 +280,33 @@ def test_stage_key_covers_the_template_files(monkeypatch):
     monkeypatch.setattr(mod, "prompt_hash", lambda *names: "edited")
     assert config.key_payload()["template_hash"] == "edited"
     assert run_stage([tweet()])[0]["lineage"][-1]["prompt_hash"] == "edited"
+
+
+def test_cot_split_comes_from_the_split_owner_for_train_records_only():
+    # cot.split has one owner (splits.dataset_split) and template_cot is its writer: D1/D2 for training records,
+    # None for dev and test records (they must never reach training data).
+    train = [tweet(key=str(i)) for i in range(40)]
+    held_out = [{**tweet(), "id": f"test/{split}/{i}", "split": split} for split in ("dev", "test") for i in range(10)]
+    held_out += [{**tweet(grounding_labels=GROUNDING_ABSENT), "id": "test/test/nogrounding", "split": "test"}]
+    dataset = DatasetConfig(d1_fraction=0.5, split_seed=3)
+    stage = TemplateCoTStage(TemplateCoTConfig(), StageContext(seed=0, dataset=dataset))
+    out = {r["id"]: r for r in stage([*train, *held_out])}
+    for rec in train:
+        assert out[rec["id"]]["cot"]["split"] == dataset_split(rec, dataset, 0)
+    assert {out[r["id"]]["cot"]["split"] for r in train} == {D1, D2}
+    assert {out[r["id"]]["cot"]["split"] for r in held_out} == {None}
+    everything_d1 = TemplateCoTStage(TemplateCoTConfig(), StageContext(dataset=DatasetConfig(d1_fraction=1.0)))
+    assert {r["cot"]["split"] for r in everything_d1(train[:10])} == {D1}
+
+
+def test_the_dataset_section_keys_the_stages_that_write_the_split(tmp_path):
+    from gmner_pipeline.config import load_config
+    from gmner_pipeline.plan import plan_run
+
+    def keys(*sets):
+        config = load_config(None, [f"run.output_dir={tmp_path}", "pipeline=[passthrough, template_cot]", *sets])
+        return [s.key for s in plan_run(config).stages]
+
+    base = keys()
+    moved = keys("dataset.d1_fraction=0.3")
+    assert moved[0] == base[0] and moved[1] != base[1]  # passthrough writes no cot: reused

@@ -76,8 +76,14 @@ def test_inputs_output_folder_published_dataset_stage_and_files(tmp_path):
     write_records(out / "dataset" / "D1" / "part-0.parquet", [toy_record(5)])
     sources = resolve_sources([out], ["D1"])
     assert [s.kind for s in sources] == ["file"] and _ids(sources[0].records()) == ["toy/train/5"]
-    with pytest.raises(DataError, match="no D2/ folder"):
-        resolve_sources([out], ["D2"])
+    # no published D2 (or D2_filtered): the run's final stage is read instead
+    assert [s.kind for s in resolve_sources([out], ["D2"])] == ["stage"]
+    assert [s.kind for s in resolve_sources([out], ["D2"], filtered=True)] == ["stage"]
+    (out / "dataset" / "D2_filtered").mkdir(parents=True)
+    write_records(out / "dataset" / "D2_filtered" / "part-0.parquet", [toy_record(6, cot_split="D2")])
+    kept = resolve_sources([out], ["D2"], filtered=True)
+    assert [s.kind for s in kept] == ["file"] and _ids(kept[0].records()) == ["toy/train/6"]
+    assert len(list(select_records(resolve_sources([out], ["D1"], published=False), DataConfig(), DataStats()))) == 2
     assert [s.kind for s in resolve_sources([stage / "shard-00000.parquet"], ["D1"])] == ["file"]
     with pytest.raises(DataError, match="does not exist"):
         resolve_sources([tmp_path / "nope"], ["D1"])

@@ -28,7 +28,7 @@ def test_a_raising_record_becomes_an_error_and_nothing_is_lost(tmp_path):
 class LosesRecords(Stage):
     name = "loses"
 
-    def __call__(self, recs):
+    def process(self, recs):
         return recs[:-1]
 
 
@@ -43,7 +43,7 @@ def test_a_stage_that_loses_records_fails_the_shard_loudly(tmp_path):
 class Drops(Stage):
     name = "drops"
 
-    def __call__(self, recs):
+    def process(self, recs):
         return [mark_dropped(r, self.name, "too_long") if r["id"] == "r1" else r for r in recs]
 
 

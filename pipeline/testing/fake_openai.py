@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-from .config import EndpointConfig
+from ..llm.config import EndpointConfig
 
 
 @dataclass
@@ -81,6 +81,8 @@ class FakeOpenAI:
         self._connections: set[socket.socket] = set()
         self.dead = False
         self.port = 0
+        self.in_flight = 0  # chat requests being answered now
+        self.max_in_flight = 0  # the most at any moment (what a concurrency limit bounds)
 
     # --- lifecycle ---------------------------------------------------------------------------------------------------
 
@@ -216,6 +218,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with fake._lock:
             fake.seen.append(Seen(body=body, headers=dict(self.headers)))
+            fake.in_flight += 1
+            fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+        try:
+            self._answer(fake, body)
+        finally:
+            with fake._lock:
+                fake.in_flight -= 1
+
+    def _answer(self, fake: FakeOpenAI, body: dict[str, Any]) -> None:
         fault = fake._next_fault(body)
         if fake.delay_s:
             time.sleep(fake.delay_s)

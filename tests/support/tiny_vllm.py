@@ -10,7 +10,7 @@ Nothing here is downloaded from a model hub. ``ensure_vllm(root)`` builds, once,
   ChatML chat template. Its answers are noise, but every byte of the OpenAI protocol is the real server's.
 
 ``start_vllm(root)`` then serves it on a free localhost port and returns a ``ServerProcess``.
-Run ``python -m gmner_pipeline.llm.tiny_vllm [ROOT]`` to build (and time) it by hand.
+Run ``python tests/support/tiny_vllm.py [ROOT]`` to build (and time) it by hand.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from .process import ServerProcess, free_port
+from gmner_pipeline.llm.process import ServerProcess, free_port
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ _BUILD_MARK = ".built-v1"
 # torchvision's compiled ops do not load against torch 2.13.0+cpu, and its meta registrations then fail at import with
 # "operator torchvision::nms does not exist". vLLM only needs torchvision to import, so define nms with a pure-torch
 # kernel in place of the meta registrations; roi_align and friends stay unavailable.
-_TORCHVISION_META_SHIM = '''"""Replaced by gmner_pipeline.llm.tiny_vllm: defines torchvision::nms in pure torch (compiled ops do not load)."""
+_TORCHVISION_META_SHIM = '''"""Replaced by tests/support/tiny_vllm.py: defines torchvision::nms in pure torch (compiled ops do not load)."""
 import torch
 
 _lib = torch.library.Library("torchvision", "FRAGMENT")
@@ -63,7 +63,7 @@ else:
     _lib.impl("nms", _nms, "CPU")
 '''
 _TORCHVISION_INIT_SUFFIX = (
-    "\n# added by gmner_pipeline.llm.tiny_vllm: nms is defined in _meta_registrations (pure torch)\n"
+    "\n# added by tests/support/tiny_vllm.py: nms is defined in _meta_registrations (pure torch)\n"
     "extension._has_ops = lambda: True\n"
 )
 

@@ -1,0 +1,93 @@
+"""The run's dataset: its training splits as per-split Parquet folders, written at the end of every complete run.
+
+    <output>/dataset/D1/part-00000.parquet ...           SFT (MCR's MRSI): training records with a consistent chain
+    <output>/dataset/D2/part-00000.parquet ...           GRPO (CVO): the rest of the training records with a chain
+    <output>/dataset/D2_filtered/part-00000.parquet ...  D2 records grpo_filter kept (only when a stage wrote grpo)
+
+Files are in the record schema (``schema.RECORD_SCHEMA``), so the trainer, ``export`` and ``datasets.load_dataset``
+read them directly (the dataset card at ``<output>/README.md`` maps the folders to splits). Which record goes where is
+decided upstream, once: ``cot.split`` (written by the CoT stage through ``splits.dataset_split``) and ``grpo.keep``
+(grpo_filter). Publishing only selects, and refuses any record whose source split is not a training split, so dev and
+test records cannot reach D1, D2 or an export even if a stage got the split wrong.
+
+The folder is rebuilt from the final stage's committed shards in a temporary folder and swapped into place, so a
+reader never sees half of one run and half of another. A run with failed shards publishes nothing (the previous
+dataset stays) and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow.parquet as pq
+
+from .schema import records_to_table, table_to_records
+from .shards import iter_committed_tables, shard_index
+from .splits import D1, D2, DatasetConfig, is_training_record
+
+log = logging.getLogger(__name__)
+
+DATASET_DIR = "dataset"
+D2_FILTERED = "D2_filtered"
+SPLIT_NAMES = (D1, D2, D2_FILTERED)
+Record = dict[str, Any]
+
+
+def has_consistent_chain(record: Record) -> bool:
+    return any(c.get("consistent") for c in ((record.get("cot") or {}).get("chains") or []))
+
+
+def _in(split: str) -> Callable[[Record], bool]:
+    def select(record: Record) -> bool:
+        return (record.get("status") == "ok" and (record.get("cot") or {}).get("split") == split
+                and has_consistent_chain(record))
+    return select
+
+
+def _kept_by_grpo_filter(record: Record) -> bool:
+    return _in(D2)(record) and (record.get("grpo") or {}).get("keep") is True
+
+
+SELECTORS: dict[str, Callable[[Record], bool]] = {D1: _in(D1), D2: _in(D2), D2_FILTERED: _kept_by_grpo_filter}
+
+
+def split_of_records(records: list[Record], config: DatasetConfig, with_filtered: bool) -> dict[str, list[Record]]:
+    """The records of each published split (a record is in D1 or D2, and may also be in D2_filtered)."""
+    out: dict[str, list[Record]] = {name: [] for name in SPLIT_NAMES if with_filtered or name != D2_FILTERED}
+    for rec in records:
+        for name in out:
+            if SELECTORS[name](rec):
+                if not is_training_record(rec, config):
+                    raise ValueError(f"record {rec.get('id')!r} of source split {rec.get('split')!r} is marked "
+                                     f"{name}; only {config.training_splits} records may enter training data")
+                out[name].append(rec)
+    return out
+
+
+def publish_dataset(final_dir: Path, output_dir: Path, config: DatasetConfig, *, with_filtered: bool,
+                    run_id: str) -> dict[str, int]:
+    """Rebuild ``<output_dir>/dataset`` from the committed shards of ``final_dir``; returns records per split."""
+    target = output_dir / DATASET_DIR
+    staging = output_dir / f".{DATASET_DIR}.tmp-{run_id}"
+    shutil.rmtree(staging, ignore_errors=True)
+    counts = {name: 0 for name in SPLIT_NAMES if with_filtered or name != D2_FILTERED}
+    for path, table in iter_committed_tables(final_dir):
+        index = shard_index(path)
+        for name, selected in split_of_records(table_to_records(table), config, with_filtered).items():
+            if not selected:
+                continue
+            path = staging / name / f"part-{index:05d}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(records_to_table(selected), path, compression="zstd")
+            counts[name] += len(selected)
+    staging.mkdir(parents=True, exist_ok=True)
+    old = output_dir / f".{DATASET_DIR}.old-{run_id}"
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    log.info("dataset: %s -> %s", ", ".join(f"{k} {v}" for k, v in counts.items()), target)
+    return counts

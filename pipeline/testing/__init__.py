@@ -1,0 +1,13 @@
+"""Test helpers for stage authors (this package's tests use them too).
+
+* ``run_stage(StageCls, records, config=..., llm=...)``: run a stage on in-memory records the way a worker does
+  (``setup`` once, batches through the framework, ``close``), with the output checked against the record schema.
+* ``FakeOpenAI`` / ``Fault``: an in-process OpenAI-compatible chat server with scripted faults (429, 5xx, malformed
+  or truncated bodies, dropped connections, slow answers), for testing an LLM stage offline. Real-server behaviour is
+  covered by this project's integration tests (vLLM, llama.cpp).
+"""
+
+from .fake_openai import Fault, FakeOpenAI
+from .harness import run_stage
+
+__all__ = ["Fault", "FakeOpenAI", "run_stage"]
