@@ -57,7 +57,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory) -> Path:
     pytest.importorskip("trl")
-    from gmner_pipeline.train.tiny import build_tiny_qwen2
+    from support.tiny_policies import build_tiny_qwen2
 
     return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-policies") / "qwen2")
 
@@ -65,7 +65,7 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2_vl(tmp_path_factory) -> Path:
     pytest.importorskip("trl")
-    from gmner_pipeline.train.tiny import build_tiny_qwen2_vl
+    from support.tiny_policies import build_tiny_qwen2_vl
 
     return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-policies") / "qwen2-vl")
 
@@ -83,7 +83,7 @@ def trained_sft(tmp_path_factory, tiny_qwen2):
 
     from gmner_pipeline.train.config import load_train_config
     from gmner_pipeline.train.sft import run_sft
-    from train_helpers import toy_record, write_stage
+    from support.train_records import toy_record, write_stage
 
     root = tmp_path_factory.mktemp("trained-sft")
     records = [toy_record(0), toy_record(1)] + [toy_record(i, cot_split="D2", grpo={"keep": True}) for i in (2, 3)]

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from ..config import ConfigError, _explain, apply_overrides, expand_env
+from ..config import _explain, apply_overrides, expand_env
+from ..configbase import ConfigError, Strict
 from ..scoring.config import RewardConfig
 from ..splits import D1, D2, DatasetConfig
 from .grbp import GRBPConfig
@@ -29,11 +30,7 @@ RESERVED_TRAINER_KEYS = {
 }
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     """Where the base model comes from."""
 
     name_or_path: str | None = Field(None, description="local folder or hub name (a .gguf file path also works)")
@@ -53,7 +50,7 @@ class ModelSpec(_Strict):
         return self
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     """Which records and chains become training examples."""
 
     splits: list[Literal["D1", "D2"]] = Field(default_factory=lambda: [D1], description="cot.split values to use")
@@ -72,7 +69,7 @@ class DataConfig(_Strict):
     run_seed: int = Field(0, description="the synthesis run's seed, for assign_missing_splits on bare shards")
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     kind: Literal["sft", "grpo"]
     seed: int = Field(42, description="training seed (model init of LoRA, shuffling, GRBP, sampling)")
     model: ModelSpec = Field(default_factory=ModelSpec)

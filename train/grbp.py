@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from ..configbase import Frozen
 from ..frames import map_box_literals
 
 Box = tuple[float, float, float, float]
@@ -42,10 +43,9 @@ Box = tuple[float, float, float, float]
 _ANSWER_BLOCK = re.compile(r"(<answer>)(.*?)(</answer>)", re.S | re.I)
 
 
-class GRBPConfig(BaseModel):
+class GRBPConfig(Frozen):
     """GRBP settings; the defaults are E2E-GMNER's."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     enabled: bool = Field(True, description="perturb box targets during SFT (E2E-GMNER: removing GRBP cost 2.4 F1)")
     beta: float = Field(0.1, ge=0.0, description="centre noise a: δ ~ N(0, (a/√3)²) as a fraction of the box size")
     gamma: float = Field(0.1, ge=0.0, description="scale noise a: width and height are multiplied by (1 + δ)")

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gmner_pipeline.cli import app
-from train_helpers import toy_record, write_stage
+from support.train_records import toy_record, write_stage
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()

@@ -11,7 +11,7 @@ pytest.importorskip("trl")
 import torch  # noqa: E402
 
 from gmner_pipeline.train.config import load_train_config  # noqa: E402
-from train_helpers import ANSWER  # noqa: E402
+from support.train_records import ANSWER  # noqa: E402
 
 pytestmark = pytest.mark.integration
 GRPO_SMOKE = ["trainer.per_device_train_batch_size=4", "trainer.gradient_accumulation_steps=1",

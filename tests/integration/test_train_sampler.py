@@ -8,7 +8,7 @@ pytest.importorskip("trl")
 
 from gmner_pipeline import student  # noqa: E402
 from gmner_pipeline.train.sampler import LocalPolicySampler  # noqa: E402
-from train_helpers import toy_image, toy_record  # noqa: E402
+from support.train_records import toy_image, toy_record  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

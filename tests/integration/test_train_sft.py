@@ -22,7 +22,7 @@ from gmner_pipeline.train.config import DataConfig, load_train_config  # noqa: E
 from gmner_pipeline.train.data import sft_dataset  # noqa: E402
 from gmner_pipeline.train.grbp import GRBPConfig  # noqa: E402
 from gmner_pipeline.train.models import ModelSpec, load_policy, prompt_config_for  # noqa: E402
-from train_helpers import ANSWER, THINK, toy_image, toy_record, write_stage  # noqa: E402
+from support.train_records import ANSWER, THINK, toy_image, toy_record, write_stage  # noqa: E402
 
 pytestmark = pytest.mark.integration
 TARGET = f"<think>{THINK}</think><answer>{ANSWER}</answer>"

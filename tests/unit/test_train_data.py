@@ -15,7 +15,7 @@ from gmner_pipeline.student import StudentPromptConfig
 from gmner_pipeline.train.config import DataConfig, load_train_config
 from gmner_pipeline.train.data import DataError, DataStats, grpo_dataset, resolve_sources, select_records, \
     sft_dataset, sft_examples
-from train_helpers import ANSWER, toy_image, toy_record, write_stage
+from support.train_records import ANSWER, toy_image, toy_record, write_stage
 
 TEXT = StudentPromptConfig(image=False)
 

@@ -11,7 +11,7 @@ from gmner_pipeline.frames import FrameConfig, map_box_literals
 from gmner_pipeline.scoring.io import load_predictions
 from gmner_pipeline.student import StudentPromptConfig
 from gmner_pipeline.train.predict import PredictError, check_gold_knowledge, gold_knowledge_leaks, prediction_line
-from train_helpers import toy_record
+from support.train_records import toy_record
 
 KNOWLEDGE = [{"entity": "Alice Smith", "type": "PER", "knowledge": "A woman with short hair."}]
 

@@ -5,7 +5,7 @@ Nothing is downloaded. The tokenizer is a byte-level BPE trained here on the stu
 places images where Qwen-VL does. The models' answers are noise until trained; a few steps of SFT on a handful of
 records make them write the format (the tests rely on that). Never use them to produce data.
 
-    python -m gmner_pipeline.train.tiny OUT_DIR     # writes OUT_DIR/qwen2 and OUT_DIR/qwen2-vl
+    python tests/support/tiny_policies.py OUT_DIR     # writes OUT_DIR/qwen2 and OUT_DIR/qwen2-vl
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ CHAT_TEMPLATE = (
 
 
 def _corpus() -> list[str]:
-    from ..prompts import load_text
+    import gmner_pipeline
+    from gmner_pipeline.prompts import load_text
 
     template = load_text("student/gmner.txt")
     lines = [template] * 20
@@ -39,7 +40,7 @@ def _corpus() -> list[str]:
             lines += [load_text(name)] * 5  # the template chains' phrases, so the tests' targets stay short
         except FileNotFoundError:
             continue
-    sample = Path(__file__).resolve().parent.parent / "sample" / "txt" / "train.txt"
+    sample = Path(gmner_pipeline.__file__).resolve().parent / "sample" / "txt" / "train.txt"
     if sample.is_file():
         lines += [" ".join(ln.split("\t")[0] for ln in sample.read_text(encoding="utf-8").splitlines())] * 5
     return lines
