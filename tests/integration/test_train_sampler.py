@@ -36,3 +36,22 @@ def test_a_multimodal_policy_samples_with_the_image(tmp_path, tiny_qwen2_vl):
                          max_new_tokens=4, seed=0)
     assert [len(g) for g in out] == [2, 2] and all(isinstance(t, str) for g in out for t in g)
     assert sampler.identity()["adapter"] is None
+
+
+def test_a_qwen2_5_vl_frame_reaches_the_processor_unchanged(tmp_path, tiny_qwen2_vl):
+    """Qwen2.5-VL boxes are pixels of the smart_resized image: the processor must see exactly that image."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from gmner_pipeline.frames import FrameConfig, model_image_size, prepare_image
+    from gmner_pipeline.train.models import Policy, configure_processor
+
+    processor = AutoProcessor.from_pretrained(tiny_qwen2_vl)
+    frame = FrameConfig(kind="qwen2_5_vl")
+    configure_processor(Policy(None, processor, None, True, "qwen2_5_vl"), frame)
+    original = Image.new("RGB", (640, 427))
+    resized = prepare_image(original, frame)
+    assert resized.size == model_image_size(frame, 640, 427) and resized.size != original.size
+    grid = processor.image_processor(images=[resized], return_tensors="pt")["image_grid_thw"][0]
+    patch = processor.image_processor.patch_size
+    assert (int(grid[2]) * patch, int(grid[1]) * patch) == resized.size  # no second resize: the frame holds
