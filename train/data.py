@@ -30,8 +30,8 @@ import yaml
 from .. import student
 from ..answer import format_answer, gold_triples
 from ..frames import FrameError, frame_extent, model_image_size
-from ..schema import GROUNDING_ABSENT, STATUS_OK
 from ..publish import D2_FILTERED, DATASET_DIR
+from ..schema import GROUNDING_ABSENT, STATUS_OK
 from ..shards import committed_indices, iter_committed_records, read_json, read_records
 from ..splits import D2, DatasetConfig, dataset_split, is_training_record
 from ..student import StudentPromptConfig
