@@ -5,15 +5,16 @@ SmolLM2-135M-Instruct is a real (small) model that runs offline here: its GGUF s
 It is text-only, so the student prompt carries the tweet (no image) and the MNER part is what it can learn.
 
 1. template chains for Twitter-GMNER train (``gmner-pipeline run synthesize --config twitter_gmner``, cached under
-   ``--work``); D1 from ``gmner_pipeline.splits`` (the run's dataset section), keeping records whose chain is at most
-   ``--max-target-tokens`` long (CPU time), ``cot.split`` written into a Parquet file here;
+   ``--work``); the D1 records (``cot.split``, from ``gmner_pipeline.splits``) whose chain is at most
+   ``--max-target-tokens`` long (CPU time), with no-entity tweets capped at ``--empty-share``, in a Parquet file;
 2. predictions on the first ``--dev`` dev tweets with the base model (``predict``), scored by the evaluator;
 3. ``train sft`` (the ``mcr_sft`` preset with CPU-sized overrides, GRBP on) for ``--steps`` steps;
 4. predictions with the adapter, scored the same way.
 
 Prints MNER / GMNER F1 and the parse rate before and after, training steps/s, tokens/s and peak memory, and writes
-them to ``<work>/result.json``. The default run is sized for the 2-core development machine (~20 min when it is not
-shared; timings swing with other load).
+them to ``<work>/result.json``. The default run (24 steps, 10 dev tweets, 288 new tokens at most) is sized for the
+2-core development machine: it took 25 min there while other jobs kept the load at 5-9 (most of it generation:
+transformers on a CPU, fp32). ``--steps 48`` is the smallest run that taught the format reliably (see the README).
 
     python benchmarks/train_smollm2.py --data ../shared/data/twitter-gmner-v2 --work /tmp/smollm2-bench
     python benchmarks/train_smollm2.py --steps 200 --dev 200 --batch-size 4 --predict-batch 32   # a GPU or a bigger box
@@ -46,8 +47,11 @@ def ensure_chains(data: Path, work: Path) -> Path:
     return out
 
 
-def training_file(out: Path, work: Path, tokenizer, n: int, max_target_tokens: int, prompt) -> tuple[Path, dict]:
-    """D1 records (cot.split set here, as the CoT stage will) whose first consistent chain is short enough."""
+def training_file(out: Path, work: Path, tokenizer, n: int, max_target_tokens: int, prompt,
+                  empty_share: float) -> tuple[Path, dict]:
+    """D1 records whose first consistent chain is short enough (CPU time). Short chains are mostly tweets with no
+    entity, so those are capped at ``empty_share`` of the records (about their share in Twitter-GMNER train, 5%):
+    without the cap a short run learns to answer None."""
     from gmner_pipeline import student
     from gmner_pipeline.shards import write_records
     from gmner_pipeline.train.config import DataConfig
@@ -62,15 +66,20 @@ def training_file(out: Path, work: Path, tokenizer, n: int, max_target_tokens: i
         length = len(tokenizer(student.target_turn(record, chains[0], prompt))["input_ids"])
         if length > max_target_tokens:
             continue
-        record["cot"] = dict(record["cot"], split="D1", chains=chains[:1])
+        empty = not record.get("entities")
+        if empty and sum(not r.get("entities") for r in keep) + 1 > empty_share * (len(keep) + 1):
+            continue
+        record["cot"] = dict(record["cot"], split="D1", chains=chains[:1])  # (older shards lack cot.split)
         keep.append(record)
         lengths.append(length)
         if len(keep) >= n:
             break
-    path = work / f"train-d1-{n}-{max_target_tokens}.parquet"
+    path = work / f"train-d1-{n}-{max_target_tokens}-{empty_share}.parquet"
     write_records(path, keep)
-    return path, {"records": len(keep), "mean_target_tokens": sum(lengths) / max(len(lengths), 1),
-                  "d1_records_seen": stats.records_read}
+    entities = [len(r.get("entities") or []) for r in keep]
+    return path, {"records": len(keep), "mean_target_tokens": round(sum(lengths) / max(len(lengths), 1), 1),
+                  "entities_per_record": {k: entities.count(k) for k in sorted(set(entities))},
+                  "records_scanned": stats.records_read}
 
 
 def score(gold: list[dict], preds: Path) -> dict:
@@ -98,7 +107,8 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "twitter-gmner-v2")
     parser.add_argument("--work", type=Path, default=Path("/tmp/gmner-smollm2-bench"))
     parser.add_argument("--train-records", type=int, default=64, help="D1 records to train on")
-    parser.add_argument("--max-target-tokens", type=int, default=224, help="skip longer chains (CPU time)")
+    parser.add_argument("--max-target-tokens", type=int, default=256, help="skip longer chains (CPU time)")
+    parser.add_argument("--empty-share", type=float, default=0.05, help="at most this share of no-entity tweets")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -129,7 +139,7 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(spec.name_or_path, gguf_file=spec.gguf_file)
     out = ensure_chains(args.data, args.work)
     train_file, train_info = training_file(out, args.work, tokenizer, args.train_records, args.max_target_tokens,
-                                           prompt)
+                                           prompt, args.empty_share)
     dev = load_records([args.data], "dev", args.dev)
     log.info("training file %s (%s); %d dev tweets", train_file, train_info, len(dev))
 
