@@ -95,6 +95,8 @@ def run_command(
     def on_progress(state: dict[str, Any]) -> None:
         for name, sp in state.items():
             rate = f"{sp.records_per_s:,.1f} rec/s" if sp.processed_now else ""
+            if sp.units_total and sp.units_done < sp.units_total:  # a keyed stage building its table first
+                rate = f"table {sp.units_done}/{sp.units_total} units"
             progress.update(tasks[name], completed=sp.done, rate=rate)
 
     try:

@@ -82,13 +82,34 @@ def _record_html(rec: dict[str, Any]) -> str:
         found = det.get("annotation_text") or "none above the score threshold"
         parts.append(f"<p class='det'>detections: {e(found)}</p>")
     for k in rec.get("knowledge") or []:
-        kind = k.get("fine_type") or k["type"]
-        parts.append(f"<p><b>{e(k['entity'])}</b> ({e(kind)}): {e(k.get('knowledge') or '')}</p>")
+        parts.append(_knowledge_html(k))
     for ch in (rec.get("cot") or {}).get("chains") or []:
         parts.append(f"<details><summary>{e(ch['style'])} / {e(ch['route'])} — consistent: {ch.get('consistent')}"
                      f"</summary><pre>{e(ch.get('think') or '')}\n\nanswer: {e(ch.get('answer') or '')}</pre>"
                      "</details>")
     return f"<div class='rec'><div>{left}</div><div>{''.join(parts)}</div></div>"
+
+
+def _knowledge_html(k: dict[str, Any]) -> str:
+    """An entity's summary, then (folded) the voted aspects with their support and every generator's answer."""
+    e = html.escape
+    kind = k.get("fine_type") or k["type"]
+    support = f" — fine type from {e(', '.join(k['fine_type_support']))}" if k.get("fine_type_support") else ""
+    status = "" if (k.get("status") or "ok") == "ok" else f" <i>[{e(k['status'])}]</i>"
+    rows = "".join(f"<tr><td>{e(a['aspect'])}</td><td>{e(a['text'])}</td><td>{e(', '.join(a.get('support') or []))}"
+                   "</td></tr>" for a in k.get("aspects") or [])
+    answers = "".join(f"<tr><td>{e(a.get('role') or '')}</td><td>{e(a.get('model_id') or '')}</td>"
+                      f"<td>{e(a.get('fine_type') or '')}</td><td>"
+                      + (e(a.get("text") or "") if a.get("ok") is not False
+                         else f"<span class='error'>failed: {e(a.get('error') or '')}</span>")
+                      + "</td></tr>" for a in k.get("answers") or [])
+    notes = "".join(f"<li>{e(n)}</li>" for n in k.get("notes") or [])
+    return (f"<p><b>{e(k['entity'])}</b> ({e(kind)}){status}: {e(k.get('knowledge') or '')}</p>"
+            f"<details><summary>vote and answers{support}</summary>"
+            + (f"<table><tr><th>aspect</th><th>voted</th><th>support</th></tr>{rows}</table>" if rows else "")
+            + (f"<table><tr><th>role</th><th>model</th><th>fine type</th><th>answer</th></tr>{answers}</table>"
+               if answers else "")
+            + (f"<ul>{notes}</ul>" if notes else "") + "</details>")
 
 
 def render_html(output_dir: str | Path, limit: int = 50, stage: str | None = None) -> str:

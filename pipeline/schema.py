@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 SCHEMA_MAJOR = int(SCHEMA_VERSION.split(".")[0])
 
 # A box is (x1, y1, x2, y2): top-left and bottom-right corners in pixels of the ORIGINAL image.
@@ -68,15 +68,39 @@ DETECTIONS = pa.struct(
     ]
 )
 
+KNOWLEDGE_ANSWER = pa.struct(  # one generator's raw answer about an entity
+    [
+        ("model_id", pa.string()),
+        ("text", pa.string()),
+        ("role", pa.string()),  # 1.1: the generator role that answered
+        ("fine_type", pa.string()),  # 1.1: the fine type it proposed, as written
+        ("ok", pa.bool_()),  # 1.1: it answered and the answer was read
+        ("error", pa.string()),  # 1.1: why not
+    ]
+)
+KNOWLEDGE_ASPECT = pa.struct(  # 1.1: one aspect the voter kept, with the generator roles that stated it
+    [("aspect", pa.string()), ("text", pa.string()), ("support", pa.list_(pa.string()))]
+)
+KNOWLEDGE_TOKENS = pa.struct(  # 1.1: one LLM call made for an entity
+    [("role", pa.string()), ("model_id", pa.string()), ("prompt_tokens", pa.int64()),
+     ("completion_tokens", pa.int64()), ("cached", pa.bool_())]
+)
 KNOWLEDGE_ITEM = pa.struct(
     [
         ("entity", pa.string()),
         ("type", pa.string()),
-        ("fine_type", pa.string()),
+        ("fine_type", pa.string()),  # validated against the ontology; null when no valid one was proposed
         ("knowledge", pa.string()),  # summarised, voted visual knowledge
-        ("answers", pa.list_(pa.struct([("model_id", pa.string()), ("text", pa.string())]))),  # raw per-LLM answers
+        ("answers", pa.list_(KNOWLEDGE_ANSWER)),  # raw per-LLM answers
         ("voted", pa.string()),  # the voter's merged text, before the summary
-        ("cache_key", pa.string()),
+        ("cache_key", pa.string()),  # entity text + type + model set + templates + settings
+        ("entity_source", pa.string()),  # 1.1: "gold" | "predicted" (student.has_gold_knowledge reads it)
+        ("status", pa.string()),  # 1.1: "ok" | "no_agreement" | "skipped" | "error"
+        ("aspects", pa.list_(KNOWLEDGE_ASPECT)),  # 1.1: the voted aspects with their support
+        ("fine_type_support", pa.list_(pa.string())),  # 1.1: generator roles that proposed the chosen fine type
+        ("context_id", pa.string()),  # 1.1: the record whose sentence was the context (null: sentence-free prompt)
+        ("tokens", pa.list_(KNOWLEDGE_TOKENS)),  # 1.1: tokens per call (generators, voter, summary)
+        ("notes", pa.list_(pa.string())),  # 1.1: what was tolerated or rejected (invalid fine type, ...)
     ]
 )
 

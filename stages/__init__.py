@@ -11,6 +11,7 @@ from gmner_pipeline.stage import Stage
 STAGES: dict[str, str] = {
     "retrieve": "gmner_pipeline.stages.retrieve:RetrieveStage",
     "annotate": "gmner_pipeline.stages.annotate:AnnotateStage",
+    "knowledge": "gmner_pipeline.stages.knowledge:KnowledgeStage",
     "template_cot": "gmner_pipeline.stages.template_cot:TemplateCoTStage",
     "passthrough": "gmner_pipeline.stages.passthrough:PassthroughStage",
 }

@@ -16,6 +16,7 @@ Run ``python tests/support/tiny_vllm.py [ROOT]`` to build (and time) it by hand.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import subprocess
@@ -167,6 +168,12 @@ def _build(root: Path) -> dict[str, float]:
     timings["model_s"] = time.perf_counter() - t0
     mark.write_text("ok\n")
     return timings
+
+
+def long_context_args(tokens: int = 2048) -> list[str]:
+    """Server flags for a longer context than the default 256 (the knowledge stage's prompts need ~1,000 tokens of
+    this tiny tokenizer): the random model's position table is stretched to match (``--hf-overrides``)."""
+    return ["--max-model-len", str(tokens), "--hf-overrides", json.dumps({"max_position_embeddings": tokens})]
 
 
 def start_vllm(root: str | Path, *, port: int | None = None, ready_timeout: float = 300.0,
