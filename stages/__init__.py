@@ -12,6 +12,7 @@ STAGES: dict[str, str] = {
     "retrieve": "gmner_pipeline.stages.retrieve:RetrieveStage",
     "annotate": "gmner_pipeline.stages.annotate:AnnotateStage",
     "template_cot": "gmner_pipeline.stages.template_cot:TemplateCoTStage",
+    "distill": "gmner_pipeline.stages.distill:DistillStage",
     "passthrough": "gmner_pipeline.stages.passthrough:PassthroughStage",
 }
 

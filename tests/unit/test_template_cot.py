@@ -197,7 +197,7 @@ def test_check_chain_names_the_problem():
 
 def test_inconsistent_chain_is_flagged_not_raised(monkeypatch):
     # simulate a formatting bug: the stage must record it on the chain, keep the record and go on
-    import gmner_pipeline.stages.template_cot as mod
+    import gmner_pipeline.stages.distill.template as mod
 
     monkeypatch.setattr(mod, "format_answer", lambda triples: "None")
     out = run_stage([tweet()])[0]
@@ -271,15 +271,16 @@ def test_fine_type_is_mentioned_in_the_type_step_only_when_known():
 
 
 def test_stage_key_covers_the_template_files(monkeypatch):
-    import gmner_pipeline.stages.template_cot as mod
+    import gmner_pipeline.stages.distill.template as mod
 
     config = TemplateCoTConfig()
     payload = config.key_payload()
     assert payload["template_hash"] and "resources" not in payload
     assert TemplateCoTConfig(routes=["entity_first"]).key_payload()["template_hash"] != payload["template_hash"]
+    before = run_stage([tweet()])[0]["lineage"][-1]["prompt_hash"]
     monkeypatch.setattr(mod, "prompt_hash", lambda *names: "edited")
     assert config.key_payload()["template_hash"] == "edited"
-    assert run_stage([tweet()])[0]["lineage"][-1]["prompt_hash"] == "edited"
+    assert run_stage([tweet()])[0]["lineage"][-1]["prompt_hash"] != before
 
 
 def test_cot_split_comes_from_the_split_owner_for_train_records_only():
