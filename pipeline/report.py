@@ -28,8 +28,10 @@ def load_latest(output_dir: str | Path) -> dict[str, Any]:
     return read_json(path)
 
 
-def _reasons(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) or "-"
+def _reasons(counts: dict[str, int]) -> Text:
+    """Counts as one cell, most frequent first. A ``Text``: names such as ``llm:chains:`` must not be read as rich
+    markup or emoji codes (``:chains:`` would print a chain symbol)."""
+    return Text(", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) or "-")
 
 
 def status_table(output_dir: str | Path) -> Table:

