@@ -119,7 +119,8 @@ def record_view(rec: dict[str, Any]) -> Group:
     if cot.get("skipped"):
         parts.append(Text(f"cot skipped: {cot['skipped']}", style="yellow"))
     for ch in cot.get("chains") or []:
-        title = f"{ch['style']} / {ch['route']}  consistent={ch.get('consistent')}"
+        title = f"{ch['style']} / {ch['route']}" + (f" / {ch['model_id']}" if ch.get("model_id") else "")
+        title += f"  consistent={ch.get('consistent')}" + ("  (held out)" if ch.get("heldout") else "")
         if ch.get("rejection"):
             title += f"  rejection={ch['rejection']}"
         parts.append(Panel(Text(f"{ch.get('think')}\n\nanswer: {ch.get('answer')}"), title=title, title_align="left"))

@@ -57,12 +57,6 @@ def ray_local():
 # kind is started once per session, the tests that use it are run one after another (collection puts them together,
 # at the place of the first one), and it is stopped right after the last of them. Never two at a time.
 
-# On the CPU build, a seeded request whose prompt is split across engine steps (chunked prefill) kills the engine
-# ("CPU Generator does not use offset"), and every distill request is seeded; disabling chunked prefill makes the
-# worker die at start-up. A step budget above max_num_seqs * max_model_len means no prompt is ever split.
-NO_SPLIT_PREFILL = ["--max-num-seqs", "16", "--max-num-batched-tokens", "36000"]
-
-
 class SharedServer:
     """A server started on first use and stopped by ``pytest_runtest_teardown`` after the last test using it."""
 
@@ -86,7 +80,7 @@ def _start_tiny_vllm():
     import logging
     import time
 
-    from support.tiny_vllm import ensure_long_model, start_vllm
+    from support.tiny_vllm import NO_SPLIT_PREFILL, ensure_long_model, start_vllm
 
     root = REPO_ROOT / ".cache" / "vllm"
     t0 = time.perf_counter()

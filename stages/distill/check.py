@@ -31,7 +31,7 @@ from typing import Literal, Sequence
 import numpy as np
 from pydantic import Field
 
-from gmner_pipeline.answer import Triple, extract_answer, extract_think, format_answer, parse_answer
+from gmner_pipeline.answer import Triple, extract_answer, extract_think, format_answer, parse_answer, same_triples
 from gmner_pipeline.configbase import Frozen
 from gmner_pipeline.frames import ORIGINAL, FrameConfig, FrameError, boxes_from_frame, text_from_frame
 from gmner_pipeline.scoring import EvalConfig, matches_gold
@@ -105,7 +105,10 @@ def check_turn(text: str, gold: Sequence[Triple], *, frame: FrameConfig = ORIGIN
     except FrameError as exc:
         return reject(UNPARSABLE, f"boxes cannot be mapped from the {frame.kind} frame: {exc}")
     answer = format_answer(pred)
-    if not matches_gold(pred, gold, config.eval):
+    # identical at the answer's integer precision is right under any evaluation rule that accepts IoU 1 (a fast path:
+    # matches_gold solves an assignment problem, and template chains and copying teachers are always identical)
+    exact = same_triples(pred, gold) and not (config.eval.strict_iou and config.eval.iou_threshold >= 1.0)
+    if not exact and not matches_gold(pred, gold, config.eval):
         return reject(WRONG_ANSWER, "parsed answer differs from gold: " + describe_difference(pred, gold, config.eval),
                       answer)
     stripped = (think_raw or "").strip()
@@ -117,7 +120,7 @@ def check_turn(text: str, gold: Sequence[Triple], *, frame: FrameConfig = ORIGIN
     if leak is not None:
         return reject(LEAKS_LABELS, f"the reasoning says {leak!r}", answer)
     if config.answer_from == "gold":
-        answer = format_answer(gold_in_teacher_order(pred, gold, config.eval))
+        answer = format_answer(gold_in_teacher_order(pred, gold, config.eval, exact=exact))
     return Verdict(True, None, None, think, answer)
 
 
@@ -137,15 +140,27 @@ def _triple_from_frame(t: Triple, frame: FrameConfig, size: tuple[int, int] | No
     return Triple(t.entity, t.type, boxes_from_frame(t.boxes, size[0], size[1], frame))
 
 
-def gold_in_teacher_order(pred: Sequence[Triple], gold: Sequence[Triple], eval_config: EvalConfig) -> list[Triple]:
+def gold_in_teacher_order(pred: Sequence[Triple], gold: Sequence[Triple], eval_config: EvalConfig,
+                          exact: bool = False) -> list[Triple]:
     """The gold triples in the order of the predicted triples they match (a one-to-one matching under the
-    evaluation rules); gold triples left unmatched (none, for a consistent answer) keep their order at the end."""
+    evaluation rules); gold triples left unmatched (none, for a consistent answer) keep their order at the end.
+    ``exact``: the prediction is the gold at integer precision (``same_triples``), matched by that key."""
+    if exact:
+        pool: dict[tuple, list[Triple]] = {}
+        for g in gold:
+            pool.setdefault(_key(g), []).append(g)
+        return [pool[_key(p)].pop(0) for p in pred]
     ok = np.array([[matches_gold([p], [g], eval_config) for g in gold] for p in pred],
                   dtype=bool).reshape(len(pred), len(gold))
     by_pred = dict(max_matching(ok))
     used = set(by_pred.values())
     return [gold[by_pred[i]] for i in range(len(pred)) if i in by_pred] + [
         g for j, g in enumerate(gold) if j not in used]
+
+
+def _key(t: Triple) -> tuple:
+    boxes = None if t.boxes is None else tuple(sorted(tuple(int(round(v)) for v in b) for b in t.boxes))
+    return (t.entity, t.type, boxes)
 
 
 def describe_difference(pred: Sequence[Triple], gold: Sequence[Triple], eval_config: EvalConfig) -> str:

@@ -38,6 +38,10 @@ MODEL_NAME = "tiny-qwen2"
 LONG_MODEL_DIR = "tiny-qwen2-4k"  # the same model with 4096 positions (served under MODEL_NAME): room for long prompts
 VL_MODEL_NAME = "tiny-qwen2-vl"
 _BUILD_MARK = ".built-v1"
+# On the CPU build, a seeded request whose prompt is split across engine steps (chunked prefill) kills the engine
+# ("CPU Generator does not use offset"), and every distill request is seeded; disabling chunked prefill instead makes
+# the worker die at start-up. A step budget above max_num_seqs * max_model_len (2048) means no prompt is ever split.
+NO_SPLIT_PREFILL = ["--max-num-seqs", "16", "--max-num-batched-tokens", "36000"]
 _BUILD_VL_MARK = ".built-vl-v1"
 
 # torchvision's compiled ops do not load against torch 2.13.0+cpu, and its meta registrations then fail at import with
