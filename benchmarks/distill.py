@@ -7,10 +7,11 @@ builds (``DistillStage.jobs``: same messages, n, seed, sampling). The stage also
 only receives it. Prints requests/s of both, per round and as medians, and their ratio (target >= 0.9).
 
 ``twitter``: the first ``--n`` Twitter-GMNER train tweets through distill with the embedded SmolLM2 teacher (the
-offline default) and template + llm styles: chains per second, consistency rate per style, tokens per chain.
+offline default) and template + llm styles: chains per second, consistency rate per style, tokens per chain (and the
+template style alone on ``--template-n`` tweets).
 
     python benchmarks/distill.py throughput --records 64 --concurrency 16 --rounds 4
-    python benchmarks/distill.py twitter --data ../shared/data/twitter-gmner-v2 --n 20
+    python benchmarks/distill.py twitter --data ../shared/data/twitter-gmner-v2 --n 20 --template-n 7000
 """
 
 from __future__ import annotations
@@ -146,15 +147,19 @@ def twitter(args: argparse.Namespace) -> None:
     from gmner_pipeline.stages.distill import DistillConfig, DistillStage
     from gmner_pipeline.worker import run_batch, start_stage, stop_stage
 
-    records = tweets(args.n, args.data)
-    print(f"{len(records)} Twitter-GMNER train tweets" if args.data else f"{len(records)} synthetic tweets")
-    template_only = DistillConfig(styles=["template"], batch_size=len(records))
-    t0 = time.perf_counter()
+    many = tweets(args.template_n, args.data)
+    template_only = DistillConfig(styles=["template"], batch_size=len(many))
     stage = start_stage(DistillStage, template_only, StageContext())
-    out = run_batch(stage, records)
-    stop_stage(stage)
+    t0 = time.perf_counter()
+    out = run_batch(stage, many)
     template_s = time.perf_counter() - t0
-    report("template (alone)", out, template_s, "template")
+    stop_stage(stage)
+    report(f"template alone, {len(many)} tweets", out, template_s, "template")
+
+    records = many[:args.n]
+    if not records:
+        return
+    print(f"{len(records)} Twitter-GMNER train tweets" if args.data else f"{len(records)} synthetic tweets")
 
     llm = {"roles": {"teacher": {"sampling": {"temperature": 0.7, "top_p": 0.95, "max_tokens": args.max_tokens,
                                               "seed": 0}, "timeout_s": 600}},
@@ -199,7 +204,8 @@ def main() -> None:
     t.add_argument("--data", type=Path, default=None, help="Twitter-GMNER folder (default: synthetic tweets)")
     w = sub.add_parser("twitter")
     w.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "twitter-gmner-v2")
-    w.add_argument("--n", type=int, default=20)
+    w.add_argument("--n", type=int, default=20, help="tweets through template + llm (the embedded teacher)")
+    w.add_argument("--template-n", type=int, default=7000, help="tweets through the template style alone")
     w.add_argument("--max-tokens", type=int, default=96)
     w.add_argument("--attempts", type=int, default=1)
     args = parser.parse_args()

@@ -22,7 +22,7 @@ from typing import Any
 from gmner_pipeline.answer import Triple, gold_triples
 from gmner_pipeline.frames import FrameConfig
 from gmner_pipeline.hashing import stable_hash
-from gmner_pipeline.llm.config import ImageConfig, RoleConfig
+from gmner_pipeline.llm.config import RoleConfig
 from gmner_pipeline.prompts import load_yaml
 from gmner_pipeline.schema import GROUNDING_ABSENT, GROUNDING_PRESENT
 from gmner_pipeline.splits import dataset_split, is_training_record
@@ -239,7 +239,7 @@ class DistillStage(Stage):
         if plan.frame.kind != "original" and size is None:
             self.count(f"{plan.style}:skipped:no_image_size")
             return []
-        store_key = self.store.key(plan.key, record["id"], fingerprint(view))
+        store_key = self.store.key(plan.key, record["id"], fingerprint({**view, "heldout": heldout}))
         stored = self.store.get(store_key)
         if stored is not None:
             self.count(f"{plan.style}:reused")

@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import write_gmner_dataset
+from gmner_pipeline.answer import gold_triples, parse_answer, same_triples
 from gmner_pipeline.cli import app
 from gmner_pipeline.testing import FakeOpenAI
 
@@ -82,6 +83,36 @@ def test_a_new_teacher_recomputes_distill_only_and_dev_test_never_reach_the_data
     test_records = [r for r in final if r["split"] == "test"]
     assert len(test_records) == 6 and all(r["cot"]["split"] is None for r in test_records)
     assert all(c["heldout"] for r in test_records for c in r["cot"]["chains"])
+
+
+def test_run_synthesize_with_template_llm_and_mllm_styles(tmp_path, ray_local):
+    """The whole stage through `run synthesize` on the bundled sample (real photos): a text teacher and a multimodal
+    teacher in Qwen2.5-VL's frame, both answering in their frames; every chain consistent, stored in original pixels."""
+    out = tmp_path / "out"
+    with FakeOpenAI("text-teacher", reply_fn=copying_teacher) as text, \
+            FakeOpenAI("vl-teacher", reply_fn=copying_teacher) as vl:
+        items = ["pipeline=[distill]", f"run.output_dir={out}", "source.limit=4",
+                 "stages.distill.styles=[template, llm, mllm]",
+                 f"llm.roles.teacher.endpoints=[{{base_url: '{text.base_url}', model: text-teacher}}]",
+                 f"llm.roles.vlm_teacher.endpoints=[{{base_url: '{vl.base_url}', model: vl-teacher}}]",
+                 "llm.roles.vlm_teacher.frame={kind: qwen2_5_vl}", f"llm.cache.path={tmp_path / 'cache.sqlite'}"]
+        run_cli("run", "synthesize", *[x for item in items for x in ("--set", item)])
+        images = [p for s in vl.seen for p in s.body["messages"][1]["content"] if p["type"] == "image_url"]
+    assert len(images) == 4 and all(i["image_url"]["url"].startswith("data:image/jpeg;base64,") for i in images)
+    latest = json.loads((out / "latest.json").read_text())
+    folder = Path(next(e["dir"] for e in latest["chain"] if e["stage"] == "distill"))
+    records = [r for f in sorted(folder.glob("shard-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    by_style = {}
+    for rec in records:
+        for chain in rec["cot"]["chains"]:
+            by_style.setdefault(chain["style"], []).append(chain)
+    assert {k: len(v) for k, v in by_style.items()} == {"template": 8, "llm": 8, "mllm": 4}
+    assert all(c["consistent"] for chains in by_style.values() for c in chains)
+    assert {c["frame"] for c in by_style["mllm"]} == {"qwen2_5_vl"} and {c["model_id"] for c in by_style["mllm"]} \
+        == {"vl-teacher"}
+    for rec in records:  # the stored answers are the gold triples, in original pixels
+        for chain in rec["cot"]["chains"]:
+            assert same_triples(parse_answer(chain["answer"]).triples, gold_triples(rec)), chain["answer"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="the embedded server needs the llm extra")

@@ -111,7 +111,7 @@ def test_editing_a_teacher_prompt_file_changes_the_key(monkeypatch):
     assert after["llm"] != before["llm"] and after["template"] == before["template"]
 
 
-# --- the gold check ---------------------------------------------------------------------------------------------------
+# --- the gold check -------------------------------------------------------------------------------------------------
 
 GOLD = [Triple("Obama", "PER", ((10.0, 20.0, 110.0, 220.0),)), Triple("Paris", "LOC", None)]
 ANSWER = "Obama|PER|[10,20,110,220]; Paris|LOC|None"
@@ -177,7 +177,7 @@ def test_a_chain_round_trips_through_a_frame_and_is_judged_in_original_pixels(fr
     assert check_turn(f"<think>{in_frame[0]}</think><answer>{in_frame[1]}</answer>", gold).reason == "wrong_answer"
 
 
-# --- the accept path: a fake teacher answering in its own frame ---------------------------------------------------------
+# --- the accept path: a fake teacher answering in its own frame -----------------------------------------------------
 
 @pytest.mark.parametrize("frame", [None, {"kind": "qwen2_vl"}, {"kind": "qwen2_5_vl"}])
 def test_teacher_answering_in_its_frame_is_consistent_and_stored_in_original_pixels(tmp_path, frame):
@@ -277,7 +277,7 @@ def test_hints_knowledge_and_detections_reach_the_prompt_in_the_teachers_frame(t
     assert "logo" not in plain and "person:" not in plain
 
 
-# --- re-asking, leaks, faults -----------------------------------------------------------------------------------------
+# --- re-asking, leaks, faults ---------------------------------------------------------------------------------------
 
 def test_a_rejected_chain_is_asked_again_with_feedback_until_right(tmp_path):
     def teacher(body, i):
@@ -390,7 +390,7 @@ def test_a_bad_request_is_a_permanent_rejection_on_the_chain(tmp_path):
     assert len(chains) == 2 and all(c["rejection"].startswith("llm_bad_request") for c in chains)
 
 
-# --- mllm: images ------------------------------------------------------------------------------------------------------
+# --- mllm: images ---------------------------------------------------------------------------------------------------
 
 def image_file(tmp_path: Path, size=(640, 480)) -> dict:
     from PIL import Image
@@ -441,7 +441,7 @@ def test_several_mllm_teachers_keep_their_chains_under_their_model_ids(tmp_path)
     assert len({c["style_key"] for c in chains}) == 2
 
 
-# --- D1/D2 and held-out splits -------------------------------------------------------------------------------------------
+# --- D1/D2 and held-out splits --------------------------------------------------------------------------------------
 
 def test_split_and_held_out_records(tmp_path):
     train = [tweet(str(i)) for i in range(30)]
@@ -475,7 +475,7 @@ def test_absent_grounding_and_other_styles(tmp_path):
     assert kept[0]["cot"]["chains"][0]["style"] == "foreign" and len(kept[0]["cot"]["chains"]) == 3
 
 
-# --- per-style keys and the style store -----------------------------------------------------------------------------------
+# --- per-style keys and the style store -----------------------------------------------------------------------------
 
 def test_a_new_llm_teacher_re_requests_nothing_for_the_mllm_style(tmp_path):
     records = [tweet(str(i), image=image_file(tmp_path)) for i in range(4)]
@@ -515,7 +515,7 @@ def test_style_store_misses_when_the_records_inputs_change(tmp_path):
         assert srv.calls == 4  # new prompt text: asked again
 
 
-# --- the teachers comparison -------------------------------------------------------------------------------------------------
+# --- the teachers comparison ----------------------------------------------------------------------------------------
 
 def write_folder(out: Path, key: str, records: list[dict], roles: dict[str, str]) -> None:
     from gmner_pipeline.shards import MANIFEST, commit_shard, shard_path, write_json_atomic, write_records
@@ -570,3 +570,57 @@ def test_teachers_comparison_side_by_side(tmp_path):
     assert table.exit_code == 0 and "teacher-b" in table.output and "80.0%" in table.output
     empty = CliRunner().invoke(app, ["teachers", str(tmp_path)])
     assert empty.exit_code == 2 and "holds no distill output" in empty.output
+
+
+# --- the plan: what a new teacher recomputes ------------------------------------------------------------------------
+
+def test_a_teacher_change_rekeys_distill_and_nothing_before(tmp_path, monkeypatch):
+    from gmner_pipeline.config import load_config
+    from gmner_pipeline.plan import plan_run
+
+    def keys(*sets):
+        config = load_config(None, [f"run.output_dir={tmp_path}", "pipeline=[passthrough, distill]",
+                                    "llm.roles.teacher.endpoints=[{base_url: 'http://t:8000/v1', model: m}]", *sets])
+        return [s.key for s in plan_run(config).stages]
+
+    base = keys()
+    for change in ("llm.roles.teacher.endpoints=[{base_url: 'http://t:8000/v1', model: other}]",
+                   "llm.roles.teacher.revision=r2", "llm.roles.teacher.sampling.temperature=0.9",
+                   "llm.roles.teacher.frame={kind: qwen2_vl}", "stages.distill.llm.max_attempts=5"):
+        moved = keys(change)
+        assert moved[0] == base[0] and moved[1] != base[1], change
+    # another replica of the same model, or more concurrency: same outputs, same key
+    assert keys("llm.roles.teacher.endpoints=[{base_url: 'http://u:9000/v1', model: m, max_concurrency: 99}]") == base
+    # a teacher of a style that does not run does not key the stage
+    assert keys("stages.distill.styles=[template]") == keys("stages.distill.styles=[template]",
+                                                            "llm.roles.teacher.revision=r3")
+    # editing a teacher prompt file rekeys too
+    import gmner_pipeline.stages.distill.config as mod
+
+    real = mod.prompt_hash
+    monkeypatch.setattr(mod, "prompt_hash", lambda *names: real(*names) + "-edited")
+    assert keys()[1] != base[1] and keys()[0] == base[0]
+
+
+def test_bundled_distill_configs_plan(monkeypatch, tmp_path):
+    from gmner_pipeline.config import load_config
+    from gmner_pipeline.plan import plan_run
+
+    sample = load_config("sample_distill", [f"run.output_dir={tmp_path}"])
+    assert sample.stage_config("distill").styles == ["template", "llm"]
+    assert plan_run(sample).stages[0].name == "distill"
+    monkeypatch.setenv("GMNER_DATA", str(tmp_path))
+    monkeypatch.setenv("GMNER_IMAGES", str(tmp_path / "images"))
+    for var in ("TEACHER_URL", "VLM_TEACHER_URL"):
+        monkeypatch.setenv(var, "http://vllm:8000/v1")
+    monkeypatch.setenv("TEACHER_MODEL", "Qwen/Qwen2.5-72B-Instruct")
+    monkeypatch.setenv("VLM_TEACHER_MODEL", "Qwen/Qwen2.5-VL-72B-Instruct")
+    full = load_config("twitter_gmner_vllm", [f"run.output_dir={tmp_path}"])
+    stage = plan_run(full).stages[0]
+    assert stage.cls.llm_roles(stage.config) == {"teacher", "vlm_teacher"}
+    assert full.llm.role("vlm_teacher").frame.kind == "qwen2_5_vl"
+    assert stage.manifest()["llm"]["roles"]["vlm_teacher"]["frame"]["kind"] == "qwen2_5_vl"
+    from gmner_pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="image"):  # the mllm style needs images: refused before anything runs
+        plan_run(load_config("twitter_gmner_vllm", [f"run.output_dir={tmp_path}", "source.image_dir=null"]))
