@@ -13,11 +13,15 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from gmner_pipeline.answer import gold_triples
+from gmner_pipeline.splits import DatasetConfig
 from gmner_pipeline.stage import Record, StageConfig
 
 from .distill.check import CheckConfig, check_turn
 from .distill.config import DistillConfig, TemplateStyleConfig
-from .distill.stage import SKIP_GROUNDING_ABSENT, SKIP_GROUNDING_UNKNOWN, SKIP_NOT_TRAINING, DistillStage
+from .distill.stage import (
+    SKIP_GROUNDING_ABSENT, SKIP_GROUNDING_UNKNOWN, SKIP_NOT_TRAINING, DistillStage, start_cot, template_chains,
+    template_style_key,
+)
 from .distill.template import (
     COMMON_TEMPLATE, ROUTES, STYLE, Route, Variation, build_chain, mentions_of, route_template, template_hash,
 )
@@ -25,7 +29,7 @@ from .distill.variation import FIELDS, Draw, chain_seed
 
 __all__ = ["COMMON_TEMPLATE", "FIELDS", "ROUTES", "SKIP_GROUNDING_ABSENT", "SKIP_GROUNDING_UNKNOWN",
            "SKIP_NOT_TRAINING", "STYLE", "Draw", "TemplateCoTConfig", "TemplateCoTStage", "Variation", "build_chain",
-           "chain_seed", "check_chain", "mentions_of", "route_template"]
+           "chain_seed", "check_chain", "mentions_of", "route_template", "template_cot"]
 
 
 def check_chain(turn: str, record: Record, check: CheckConfig | None = None) -> tuple[bool, str | None]:
@@ -68,6 +72,18 @@ class TemplateCoTConfig(StageConfig):
     def key_payload(self) -> dict[str, Any]:
         """The stage key also covers the template files: editing a phrase recomputes the chains on the next run."""
         return {**super().key_payload(), "template_hash": self.template_hash()}
+
+
+def template_cot(record: Record, config: TemplateCoTConfig, run_seed: int,
+                 dataset: DatasetConfig | None = None) -> Record:
+    """Add template chains to one active record, as the stage does (pure apart from reading the cached template
+    files): ``cot.split`` from ``splits.dataset_split``, no chain for dev/test records unless ``heldout_chains``."""
+    settings = config.distill_config()
+    training, skipped = start_cot(record, settings, dataset or DatasetConfig(), run_seed)
+    if not skipped:
+        key = template_style_key(settings, run_seed, TemplateCoTStage.name, TemplateCoTStage.version)
+        record["cot"]["chains"] += template_chains(record, settings, run_seed, heldout=not training, style_key_=key)
+    return record
 
 
 class TemplateCoTStage(DistillStage):

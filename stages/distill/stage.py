@@ -25,7 +25,7 @@ from gmner_pipeline.hashing import stable_hash
 from gmner_pipeline.llm.config import RoleConfig
 from gmner_pipeline.prompts import load_yaml
 from gmner_pipeline.schema import GROUNDING_ABSENT, GROUNDING_PRESENT
-from gmner_pipeline.splits import dataset_split, is_training_record
+from gmner_pipeline.splits import DatasetConfig, dataset_split, is_training_record
 from gmner_pipeline.stage import Record, Stage, StageSetupError, mark_error
 from gmner_pipeline.student import image_size
 
@@ -40,6 +40,57 @@ from .variation import Draw, chain_seed, orders
 SKIP_NOT_TRAINING = "not_training_split"
 SKIP_GROUNDING_ABSENT = "grounding_absent"
 SKIP_GROUNDING_UNKNOWN = "grounding_unknown"  # grounding_labels neither "present" nor "absent" (malformed record)
+
+
+def start_cot(record: Record, settings: DistillConfig, dataset: DatasetConfig, run_seed: int) -> tuple[bool, str | None]:
+    """The record-level rules, before any chain (pure): ``cot.split`` from ``splits.dataset_split``, the chains of
+    styles this config does not write kept, and why the record gets no chain (a non-training split without
+    ``heldout_chains``; grounding labels absent or malformed), else None. Returns (training record?, skipped)."""
+    cot = dict(record.get("cot") or {})
+    kept = [c for c in cot.get("chains") or [] if c.get("style") not in settings.styles]  # other styles stay
+    training = is_training_record(record, dataset)
+    cot.update(chains=kept, skipped=None, split=dataset_split(record, dataset, run_seed))
+    record["cot"] = cot
+    if not training and not settings.heldout_chains:  # dev/test: no gold-derived chains unless asked for
+        cot["skipped"] = SKIP_NOT_TRAINING
+    elif record.get("grounding_labels") != GROUNDING_PRESENT:  # visibility unknown: a chain would have to invent it
+        cot["skipped"] = (SKIP_GROUNDING_ABSENT if record.get("grounding_labels") == GROUNDING_ABSENT
+                          else SKIP_GROUNDING_UNKNOWN)
+    return training, cot["skipped"]
+
+
+def style_payload(settings: DistillConfig, run_seed: int, stage: str, version: str, style: str,
+                  section: dict[str, Any], prompts: str) -> dict[str, Any]:
+    """What every style's key holds (``store.style_key``); a teacher style adds its teacher's identity, sampling,
+    n handling and frame, and mllm the image encoding."""
+    s = settings
+    return {"stage": stage, "version": version, "style": style, "section": section,
+            "check": s.check.model_dump(mode="json"), "seed": run_seed, "seed_offset": s.seed_offset,
+            "vary": [s.vary_triple_order, s.vary_field_order], "prompts": prompts}
+
+
+def template_style_key(settings: DistillConfig, run_seed: int, stage: str, version: str) -> str:
+    return style_key(style_payload(settings, run_seed, stage, version, "template",
+                                   settings.template.model_dump(mode="json"), settings.template.prompt_hash()))
+
+
+def template_chains(record: Record, settings: DistillConfig, run_seed: int, heldout: bool = False,
+                    style_key_: str | None = None) -> list[dict[str, Any]]:
+    """The template style's chains of one record (pure): ``template.chains`` per route, each with its own seed."""
+    s = settings
+    common = load_yaml(template_style.COMMON_TEMPLATE)
+    out = []
+    for route in s.template.routes:
+        phrases = load_yaml(template_style.route_template(route))
+        for index in range(s.template.chains):
+            seed = chain_seed(run_seed, s.seed_offset, record["id"], route, index)
+            chain, _ = template_style.build_chain(
+                record, route, seed, vary_triple_order=s.vary_triple_order, vary_field_order=s.vary_field_order,
+                use_fine_types=s.template.use_fine_types, common=common, route_phrases=phrases, check=s.check)
+            chain.update(style_key=style_key_, prompt_tokens=None, completion_tokens=None, seconds=None, frame=None,
+                         heldout=heldout)
+            out.append(chain)
+    return out
 
 
 class ImageUnreadable(Exception):
@@ -95,8 +146,7 @@ class DistillStage(Stage):
         self.settings = self.config.distill_config()
         self.prompt_hash = stable_hash(self.settings.prompt_hashes())
         self.images = self.llm.config.images
-        self.template_key = style_key(self._shared_key_payload("template", self.settings.template.model_dump(
-            mode="json"), self.settings.template.prompt_hash()))
+        self.template_key = template_style_key(self.settings, self.context.seed, self.name, self.version)
         self.teachers = [self._teacher_plan(style, teacher) for style in self.settings.teacher_styles()
                          for teacher in self.settings.teacher_style(style).teachers]
         self.store = StyleStore(None)
@@ -107,18 +157,12 @@ class DistillStage(Stage):
         self.model_ids = sorted({t.identity for t in self.teachers})
         self._ready = True
 
-    def _shared_key_payload(self, style: str, section: dict[str, Any], prompts: str) -> dict[str, Any]:
-        s = self.settings
-        return {"stage": self.name, "version": self.version, "style": style, "section": section,
-                "check": s.check.model_dump(mode="json"), "seed": self.context.seed, "seed_offset": s.seed_offset,
-                "vary": [s.vary_triple_order, s.vary_field_order], "prompts": prompts}
-
     def _teacher_plan(self, style: str, teacher: str) -> TeacherPlan:
         section = self.settings.teacher_style(style)
         role: RoleConfig = self.llm.role(teacher)
         identity = self.llm.identity(teacher)
-        payload = self._shared_key_payload(style, section.model_dump(mode="json", exclude={"teachers"}),
-                                           section.prompt_hash(style))
+        payload = style_payload(self.settings, self.context.seed, self.name, self.version, style,
+                                section.model_dump(mode="json", exclude={"teachers"}), section.prompt_hash(style))
         payload["teacher"] = {"model": identity, "sampling": role.sampling.model_dump(mode="json"),
                               "n_mode": role.n_mode, "frame": role.frame.model_dump(mode="json")}
         if style == "mllm":
@@ -147,19 +191,11 @@ class DistillStage(Stage):
 
     async def _record(self, record: Record) -> Record:
         s = self.settings
-        cot = dict(record.get("cot") or {})
-        kept = [c for c in cot.get("chains") or [] if c.get("style") not in s.styles]  # other styles' chains stay
-        training = is_training_record(record, self.context.dataset)
-        cot.update(chains=kept, skipped=None, split=dataset_split(record, self.context.dataset, self.context.seed))
-        record["cot"] = cot
-        if not training and not s.heldout_chains:  # dev/test: no gold-derived chains unless asked for
-            cot["skipped"] = SKIP_NOT_TRAINING
-            self.count(f"records:skipped:{SKIP_NOT_TRAINING}")
-            return record
-        grounding = record.get("grounding_labels")
-        if grounding != GROUNDING_PRESENT:  # visibility unknown: a chain would have to invent it
-            cot["skipped"] = SKIP_GROUNDING_ABSENT if grounding == GROUNDING_ABSENT else SKIP_GROUNDING_UNKNOWN
-            self.count(f"records:skipped:{cot['skipped']}")
+        training, skipped = start_cot(record, s, self.context.dataset, self.context.seed)
+        cot = record["cot"]
+        kept = list(cot["chains"])
+        if skipped:
+            self.count(f"records:skipped:{skipped}")
             return record
         try:
             gold = tuple(gold_triples(record))
@@ -196,20 +232,7 @@ class DistillStage(Stage):
             self.count(f"{style}:rejected:{(chain.get('rejection') or 'unknown').split(':')[0]}")
 
     def _template_chains(self, record: Record, heldout: bool) -> list[dict[str, Any]]:
-        s = self.settings
-        common = load_yaml(template_style.COMMON_TEMPLATE)
-        out = []
-        for route in s.template.routes:
-            phrases = load_yaml(template_style.route_template(route))
-            for index in range(s.template.chains):
-                seed = chain_seed(self.context.seed, s.seed_offset, record["id"], route, index)
-                chain, _ = template_style.build_chain(
-                    record, route, seed, vary_triple_order=s.vary_triple_order, vary_field_order=s.vary_field_order,
-                    use_fine_types=s.template.use_fine_types, common=common, route_phrases=phrases, check=s.check)
-                chain.update(style_key=self.template_key, prompt_tokens=None, completion_tokens=None, seconds=None,
-                             frame=None, heldout=heldout)
-                out.append(chain)
-        return out
+        return template_chains(record, self.settings, self.context.seed, heldout, self.template_key)
 
     def jobs(self, plan: TeacherPlan, view: dict[str, Any], gold: tuple[Triple, ...], heldout: bool,
              image_url: str | None = None) -> list[Job]:

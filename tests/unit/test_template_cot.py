@@ -311,3 +311,13 @@ def test_the_dataset_section_keys_the_stages_that_write_the_split(tmp_path):
     base = keys()
     moved = keys("dataset.d1_fraction=0.3")
     assert moved[0] == base[0] and moved[1] != base[1]  # passthrough writes no cot: reused
+
+
+def test_the_pure_function_writes_what_the_stage_writes():
+    from gmner_pipeline.stages.template_cot import template_cot
+
+    dev = {**tweet("d"), "id": "test/dev/d", "split": "dev"}
+    staged = {r["id"]: r["cot"] for r in run_stage([tweet("1"), dev], seed=3)}
+    for rec in (tweet("1"), dev):
+        assert template_cot(copy.deepcopy(rec), TemplateCoTConfig(), run_seed=3)["cot"] == staged[rec["id"]]
+    assert staged["test/dev/d"]["chains"] == [] and staged["test/dev/d"]["skipped"] == "not_training_split"
