@@ -84,11 +84,12 @@ def start_server(kind: str, delay_s: float) -> tuple[Any, str, str, dict[str, An
         return fake, f"http://127.0.0.1:{fake.port}/v1", "fake", {}
     if kind == "vllm":
         sys.path.insert(0, str(REPO / "tests"))  # the vLLM test server is a test helper, not part of the product
-        from support.tiny_vllm import MODEL_NAME, ensure_vllm, long_context_args, start_vllm
+        from support.tiny_vllm import MODEL_NAME, NO_SPLIT_PREFILL, ensure_long_model, start_vllm
 
         root = REPO / ".cache" / "vllm"
-        ensure_vllm(root)
-        srv = start_vllm(root, extra_args=long_context_args(2048))  # the stage's prompts need ~1,000 tokens
+        ensure_long_model(root)
+        # the stage's prompts need ~1,000 tokens: the 4k-position build, served with a 2,048-token context
+        srv = start_vllm(root, max_model_len=2048, long=True, extra_args=NO_SPLIT_PREFILL)
         return srv, srv.base_url, MODEL_NAME, {}
     if kind == "embedded":
         from gmner_pipeline.llm.embedded import EmbeddedServer

@@ -28,8 +28,10 @@ def load_latest(output_dir: str | Path) -> dict[str, Any]:
     return read_json(path)
 
 
-def _reasons(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) or "-"
+def _reasons(counts: dict[str, int]) -> Text:
+    """Counts as one cell, most frequent first. A ``Text``: names such as ``llm:chains:`` must not be read as rich
+    markup or emoji codes (``:chains:`` would print a chain symbol)."""
+    return Text(", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) or "-")
 
 
 def status_table(output_dir: str | Path) -> Table:
@@ -117,7 +119,8 @@ def record_view(rec: dict[str, Any]) -> Group:
     if cot.get("skipped"):
         parts.append(Text(f"cot skipped: {cot['skipped']}", style="yellow"))
     for ch in cot.get("chains") or []:
-        title = f"{ch['style']} / {ch['route']}  consistent={ch.get('consistent')}"
+        title = f"{ch['style']} / {ch['route']}" + (f" / {ch['model_id']}" if ch.get("model_id") else "")
+        title += f"  consistent={ch.get('consistent')}" + ("  (held out)" if ch.get("heldout") else "")
         if ch.get("rejection"):
             title += f"  rejection={ch['rejection']}"
         parts.append(Panel(Text(f"{ch.get('think')}\n\nanswer: {ch.get('answer')}"), title=title, title_align="left"))

