@@ -38,6 +38,8 @@ class RunResult:
     stages: dict[str, StageProgress]
     ingest: dict[str, Any]
     seconds: float
+    dataset: dict[str, int] | None = None  # records per published split (publish), when the run published
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # per stage: its Stage.after_run entry
 
     @property
     def failed(self) -> list[tuple[str, int, str]]:
@@ -63,6 +65,8 @@ def run_summary(result: RunResult) -> dict[str, Any]:
                           "records_processed_now": sp.records_now, "records_per_s": round(sp.records_per_s, 2),
                           "failed": sp.failed}
                    for name, sp in result.stages.items()},
+        **({"dataset": result.dataset} if result.dataset is not None else {}),
+        **({"reports": result.reports} if result.reports else {}),
     }
 
 

@@ -12,6 +12,7 @@ STAGES: dict[str, str] = {
     "retrieve": "gmner_pipeline.stages.retrieve:RetrieveStage",
     "annotate": "gmner_pipeline.stages.annotate:AnnotateStage",
     "template_cot": "gmner_pipeline.stages.template_cot:TemplateCoTStage",
+    "grpo_filter": "gmner_pipeline.stages.grpo_filter:GrpoFilterStage",
     "passthrough": "gmner_pipeline.stages.passthrough:PassthroughStage",
 }
 
