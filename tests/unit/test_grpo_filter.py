@@ -21,6 +21,7 @@ from gmner_pipeline.stages.grpo_filter.groups import to_original_pixels
 from gmner_pipeline.stages.grpo_filter.report import build_report, write_report
 from gmner_pipeline.testing import Fault, FakeOpenAI
 from gmner_pipeline.worker import run_batch, start_stage, stop_stage
+from support.scripted_policy import ScriptedPolicy
 
 BOX = [10.0, 5.0, 50.0, 70.0]  # gold box of "Alice Smith" in a 100x80 image
 
@@ -64,26 +65,9 @@ def record(key: str, *, split: str = "D2", consistent: bool = True, grounding: s
                          "rejection": None, "attempts": 1}], "split": split, "skipped": None})
 
 
-class ScriptedPolicy(FakeOpenAI):
-    """A policy server that answers each record's prompt (found by its key token) with that record's scripted group:
-    n choices at once, or, like llama.cpp (``honor_n=False``), the next one per request."""
-
-    def __init__(self, scripts: dict[str, list[str]], **kw: Any):
-        super().__init__(model="policy", **kw)
-        self.scripts = scripts
-        self.served: dict[str, int] = {}
-
-    def completion(self, body: dict[str, Any]) -> dict[str, Any]:
-        out = super().completion(body)
-        prompt = json.dumps(body["messages"])
-        key = next(k for k in self.scripts if f"Paris {k}" in prompt)
-        with self._lock:
-            start = self.served.get(key, 0)
-            self.served[key] = start + len(out["choices"])
-        group = self.scripts[key]
-        for i, choice in enumerate(out["choices"]):
-            choice["message"]["content"] = group[(start + i) % len(group)]
-        return out
+def by_key(groups: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Scripts addressed by the record's key token, as it appears in the tweet of the prompt."""
+    return {f"Paris {k}": g for k, g in groups.items()}
 
 
 def stage_config(**overrides: Any) -> GrpoFilterStageConfig:
@@ -111,13 +95,13 @@ def test_the_scripted_rewards_are_what_the_reward_function_gives():
 
 
 def test_each_rule_drops_exactly_its_groups_and_is_counted():
-    with ScriptedPolicy({k: g for k, (g, _, _) in GROUPS.items()}) as srv:
+    with ScriptedPolicy(by_key({k: g for k, (g, _, _) in GROUPS.items()})) as srv:
         out, counters = run([record(k) for k in GROUPS], srv)
         assert srv.calls == len(GROUPS)  # one request per record: n = G
-    by_key = {r["sample_key"]: r for r in out}
+    result = {r["sample_key"]: r for r in out}
     for key, (texts, keep, reason) in GROUPS.items():
-        g = by_key[key]["grpo"]
-        assert by_key[key]["status"] == "ok", key
+        g = result[key]["grpo"]
+        assert result[key]["status"] == "ok", key
         assert (g["keep"], g["reason"]) == (keep, reason), key
         assert g["responses"] == texts and g["rewards"] == pytest.approx([REWARD[t] for t in texts]), key
         assert g["policy_id"] == "policy"
@@ -126,12 +110,12 @@ def test_each_rule_drops_exactly_its_groups_and_is_counted():
     assert counters["responses"] == 8 * len(GROUPS)
     assert counters["zeroed:format"] == 8  # the garbage group: unparsable responses score 0 through the format gate
     assert counters["zero_reward"] == sum(REWARD[t] == 0 for g, _, _ in GROUPS.values() for t in g)
-    assert by_key["easy"]["grpo"]["median"] == pytest.approx(0.9)
+    assert result["easy"]["grpo"]["median"] == pytest.approx(0.9)
 
 
 def test_sampling_sends_the_student_prompt_and_cvo_settings():
     rec = record("keep")
-    with ScriptedPolicy({"keep": GROUPS["keep"][0]}) as srv:
+    with ScriptedPolicy(by_key({"keep": GROUPS["keep"][0]})) as srv:
         run([rec], srv)
         body = srv.seen[0].body
     prompt = student.StudentPromptConfig(image=False)
@@ -143,7 +127,7 @@ def test_sampling_sends_the_student_prompt_and_cvo_settings():
 
 def test_a_failed_request_is_recorded_not_shortened():
     scripts = {"keep": GROUPS["keep"][0], "weak": GROUPS["weak"][0]}
-    with ScriptedPolicy(scripts) as srv:
+    with ScriptedPolicy(by_key(scripts)) as srv:
         srv.fault_fn = lambda body, i: Fault.status_code(400, message="context too long") \
             if "Paris weak" in json.dumps(body["messages"]) else None
         out, counters = run([record("keep"), record("weak")], srv)
@@ -159,11 +143,11 @@ def test_a_failed_request_is_recorded_not_shortened():
 
 def test_a_server_that_ignores_n_is_topped_up_and_a_lost_top_up_is_recorded():
     group = GROUPS["keep"][0]
-    with ScriptedPolicy({"keep": group}, honor_n=False) as srv:
+    with ScriptedPolicy(by_key({"keep": group}), honor_n=False) as srv:
         out, _ = run([record("keep")], srv)
         assert srv.calls == 8  # 1 + 7 seeded requests (concurrent: the group comes back in any order)
         assert sorted(out[0]["grpo"]["responses"]) == sorted(group) and out[0]["grpo"]["keep"] is True
-    with ScriptedPolicy({"keep": group}, honor_n=False) as srv:
+    with ScriptedPolicy(by_key({"keep": group}), honor_n=False) as srv:
         srv.fault_fn = lambda body, i: Fault.status_code(400) if i == 3 else None
         out, _ = run([record("keep")], srv)
     g = out[0]["grpo"]
@@ -175,7 +159,7 @@ def test_a_server_that_ignores_n_is_topped_up_and_a_lost_top_up_is_recorded():
 def test_only_d2_records_with_a_chain_are_sampled():
     records = [record("keep"), record("d1", split="D1"), record("nochain", consistent=False),
                record("dev", split=None, source_split="dev"), record("absent", grounding="absent")]
-    with ScriptedPolicy({k: GROUPS["keep"][0] for k in ("keep", "d1", "nochain", "dev", "absent")}) as srv:
+    with ScriptedPolicy(by_key({k: GROUPS["keep"][0] for k in ("keep", "d1", "nochain", "dev", "absent")})) as srv:
         out, counters = run(records, srv)
         assert srv.calls == 1
     sampled = [r["sample_key"] for r in out if r["grpo"]]
@@ -185,7 +169,7 @@ def test_only_d2_records_with_a_chain_are_sampled():
 
 
 def test_a_multimodal_prompt_without_an_image_is_an_error_on_that_record():
-    with ScriptedPolicy({"keep": GROUPS["keep"][0]}) as srv:
+    with ScriptedPolicy(by_key({"keep": GROUPS["keep"][0]})) as srv:
         out, counters = run([record("keep")], srv, stage_config(prompt={"image": True}))
         assert srv.calls == 0
     assert out[0]["status"] == "error" and "no image on disk" in out[0]["error"] and counters["bad_record"] == 1
@@ -199,7 +183,7 @@ def in_frame(frame: FrameConfig) -> str:
 def test_completions_are_scored_in_original_pixels_like_the_trainer():
     frame = FrameConfig(kind="qwen2_vl")  # 0-1000 of the width and height
     framed = [in_frame(frame), R06, in_frame(frame), R00, turn("Alice Smith|PER|[0,0,1000,1000]"), BAD, R04, R02]
-    with ScriptedPolicy({"keep": framed}) as srv:
+    with ScriptedPolicy(by_key({"keep": framed})) as srv:
         out, _ = run([record("keep")], srv, stage_config(prompt={"image": False, "frame": {"kind": "qwen2_vl"}}))
     rewards = out[0]["grpo"]["rewards"]
     assert rewards[0] == pytest.approx(1.0) and rewards[4] < 1.0  # the frame's box maps back onto the gold box
@@ -211,7 +195,7 @@ def test_completions_are_scored_in_original_pixels_like_the_trainer():
 
 
 def test_the_report_counts_each_rule_and_draws_the_histograms(tmp_path):
-    with ScriptedPolicy({k: g for k, (g, _, _) in GROUPS.items()}) as srv:
+    with ScriptedPolicy(by_key({k: g for k, (g, _, _) in GROUPS.items()})) as srv:
         srv.fault_fn = lambda body, i: Fault.status_code(400) if "Paris weak" in json.dumps(body["messages"]) else None
         out, counters = run([record(k) for k in GROUPS] + [record("absent", grounding="absent")], srv)
     stage_dir = tmp_path / "grpo_filter" / "k"
@@ -234,3 +218,29 @@ def test_the_report_counts_each_rule_and_draws_the_histograms(tmp_path):
 def test_config_rejects_unknown_prompt_fields():
     with pytest.raises(ValueError, match="imagee"):
         GrpoFilterStageConfig.model_validate({"prompt": {"imagee": False}})
+
+
+def test_a_new_sft_adapter_recomputes_this_stage_only(tmp_path):
+    from gmner_pipeline.config import load_config
+    from gmner_pipeline.plan import plan_run
+
+    adapter = tmp_path / "sft" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_model.safetensors").write_bytes(b"epoch 1")
+
+    def keys(*sets: str) -> dict[str, str]:
+        config = load_config(None, [f"run.output_dir={tmp_path / 'out'}", "pipeline=[template_cot, grpo_filter]",
+                                    *sets])
+        return {s.name: s.key for s in plan_run(config).stages}
+
+    served = ["llm.roles.policy={endpoints: [{base_url: 'http://vllm:8000/v1', model: policy}], adapter: "
+              f"'{adapter}'}}"]
+    local = [f"llm.roles.policy.local={{base_model: tiny-qwen, adapter: '{adapter}'}}"]
+    before = {"served": keys(*served), "local": keys(*local)}
+    fewer = keys(*served, "stages.grpo_filter.samples=4")
+    (adapter / "adapter_model.safetensors").write_bytes(b"epoch 2")  # a new SFT adapter
+    for kind, sets in (("served", served), ("local", local)):
+        after = keys(*sets)
+        assert after["template_cot"] == before[kind]["template_cot"], kind
+        assert after["grpo_filter"] != before[kind]["grpo_filter"], kind
+    assert fewer["template_cot"] == before["served"]["template_cot"] != fewer["grpo_filter"]
