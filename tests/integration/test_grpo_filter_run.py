@@ -19,7 +19,7 @@ from conftest import write_gmner_dataset
 from gmner_pipeline import runner
 from gmner_pipeline.config import load_config
 from gmner_pipeline.shards import iter_committed_records
-from support.scripted_policy import ScriptedPolicy
+from support.grpo import ScriptedPolicy
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,10 @@ from gmner_pipeline.llm.config import EndpointConfig, LLMConfig, RetryConfig, Ro
 from gmner_pipeline.llm.process import free_port
 from gmner_pipeline.llm.request import BAD_REQUEST, LLMRequest
 from gmner_pipeline.llm.images import user_message
-from support.tiny_vllm import MODEL_NAME, ensure_vllm, start_vllm
+from gmner_pipeline.stages.grpo_filter import GrpoFilterStage
+from gmner_pipeline.testing import run_stage
+from support.grpo import d2_record
+from support.tiny_vllm import MODEL_NAME, ensure_lora_adapter, ensure_vllm, start_vllm
 
 # the first test pays for the vLLM build (minutes on a fresh machine): allow it whatever the global timeout
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
@@ -28,15 +31,19 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_ROOT = REPO / ".cache" / "vllm"
+MAX_MODEL_LEN = 2048  # the student prompt is ~720 tokens with the tiny tokenizer
+POLICY = "policy"  # the served name of the random LoRA adapter (grpo_filter's served policy)
 
 
 # Module scope: every vLLM test lives in this file, so the server starts once per session, and it is gone before other
-# files' tests run (an idle vLLM engine still takes CPU from a 2-core machine).
+# files' tests run (an idle vLLM engine still takes CPU from a 2-core machine). It serves the tiny model under its own
+# name and, with a random LoRA adapter on top, as "policy" (--enable-lora), when peft is installed.
 @pytest.fixture(scope="module")
 def vllm_server():
     t0 = time.perf_counter()
     timings = ensure_vllm(VLLM_ROOT)
-    server = start_vllm(VLLM_ROOT)
+    adapter = ensure_lora_adapter(VLLM_ROOT)
+    server = start_vllm(VLLM_ROOT, lora={POLICY: adapter} if adapter else None, max_model_len=MAX_MODEL_LEN)
     timings["ready_s"] = server.started_s
     timings["fixture_total_s"] = time.perf_counter() - t0
     (VLLM_ROOT / "last-fixture-timings.json").write_text(json.dumps(timings, indent=1))
@@ -87,7 +94,7 @@ def test_vllm_json_schema(vllm_server, tmp_path):
 
 def test_vllm_too_long_and_image_to_text_model_are_bad_requests(vllm_server, tmp_path):
     with LLMClient.from_config(vllm_config(vllm_server, tmp_path), "teacher") as client:
-        long = client.complete(ask("word " * 400))  # > --max-model-len 256
+        long = client.complete(ask("word " * 4000))  # > --max-model-len 2048
         image = client.complete(LLMRequest(messages=[user_message("what?", [Image.new("RGB", (8, 8))])]))
     for res in (long, image):
         assert not res.ok and res.error_kind == BAD_REQUEST and res.attempts == 1, res
@@ -116,3 +123,37 @@ def test_vllm_dead_replica_beside_a_live_one(vllm_server, tmp_path):
         assert all(r.ok for r in results), [r.error for r in results if not r.ok]
         assert client.stats()["by_endpoint"] == {live.base_url: 16}
         assert client.endpoints[0].tripped()
+
+
+@pytest.fixture(scope="module")
+def policy_adapter(vllm_server) -> Path:
+    adapter = ensure_lora_adapter(VLLM_ROOT)  # built before the server started
+    if adapter is None:
+        pytest.skip("peft is not installed: the server runs without a LoRA adapter")
+    return adapter
+
+
+def test_vllm_serves_the_sft_lora_adapter_to_grpo_filter(vllm_server, policy_adapter, tmp_path):
+    records = [d2_record(f"#{i}") for i in range(3)]
+    llm = {"roles": {"policy": {"endpoints": [{"base_url": vllm_server.base_url, "model": POLICY,
+                                               "max_concurrency": 8}], "adapter": str(policy_adapter)}},
+           "cache": {"path": str(tmp_path / "cache.sqlite")}}
+    config = {"samples": 4, "max_tokens": 16, "prompt": {"image": False}}
+    out = run_stage(GrpoFilterStage, records, config=config, llm=llm)
+    identity = out[0]["lineage"][-1]["model_ids"][0]
+    assert identity.startswith("policy+adapter:")  # the adapter's content hash names the policy
+    for rec in out:
+        g = rec["grpo"]
+        assert rec["status"] == "ok" and len(g["responses"]) == 4 and all(isinstance(t, str) for t in g["responses"])
+        assert len(set(g["responses"])) > 1  # temperature 1.5, top-k 200 through the extra body: 4 distinct samples
+        assert g["rewards"] == [0.0] * 4 and (g["keep"], g["reason"]) == (False, "low_std")  # random weights
+        assert rec["lineage"][-1]["completion_tokens"] > 0 and rec["lineage"][-1]["prompt_tokens"] > 600
+    # one request per record (vLLM honours n), and the adapter is really applied: greedy answers differ from the base
+    role = RoleConfig(endpoints=[EndpointConfig(base_url=vllm_server.base_url, model=POLICY)],
+                      sampling=SamplingConfig(max_tokens=12), retry=RetryConfig(max_total_s=60))
+    base = role.model_copy(update={"endpoints": [EndpointConfig(base_url=vllm_server.base_url, model=MODEL_NAME)]})
+    with LLMClient(role) as with_lora, LLMClient(base) as without:
+        a = with_lora.complete(ask("Name the entity in: Obama visits Paris", seed=0, n=4))
+        b = without.complete(ask("Name the entity in: Obama visits Paris", seed=0))
+    assert a.ok and b.ok and a.attempts == 1 and len(a.choices) == 4
+    assert a.texts[0] != b.text

