@@ -1,4 +1,5 @@
-"""The ``gmner-pipeline`` command: run, status, show, view, stages (and eval, from the scoring package)."""
+"""The ``gmner-pipeline`` command: run, status, show, view, stages (eval from the scoring package; train and predict
+from the trainer)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .config import ConfigError, load_config
@@ -39,7 +41,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -56,6 +58,9 @@ def run_command(
 ) -> None:
     """Run the pipeline (or part of it). Reruns skip every shard that is already committed."""
     from . import runner
+    from .health import run_problems
+    from .ingest_step import EmptySplitError
+    from .preflight import check_run
     from .report import summary_table
 
     _setup_logging(verbose)
@@ -67,6 +72,7 @@ def run_command(
     try:
         cfg = load_config(config or DEFAULT_CONFIG, overrides)
         stages = stages_for_command(cfg, None if target == "synthesize" else target)
+        check_run(cfg)
     except ConfigError as exc:
         _fail(str(exc))
     except Exception as exc:  # unknown stage etc.
@@ -80,6 +86,8 @@ def run_command(
     def on_plan(plan: Any, ingest: dict[str, Any]) -> None:
         console.print(f"ingest: {ingest['records_in']} records in {ingest['num_shards']} shards "
                       f"({ingest['records_error']} with errors) -> {plan.ingest.dir}")
+        for warning in ingest.get("warnings") or []:
+            console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True, highlight=False)
         for s in plan.stages:
             tasks[s.name] = progress.add_task(s.name, total=ingest["num_shards"], rate="")
         progress.start()
@@ -91,9 +99,12 @@ def run_command(
 
     try:
         result = runner.run(cfg, stages, on_progress=on_progress, on_plan=on_plan)
-    except (ConfigError, StageSetupError, runner.RunLockedError, FileNotFoundError) as exc:
+    except (ConfigError, StageSetupError, runner.RunLockedError, EmptySplitError) as exc:
         progress.stop()
         _fail(str(exc))
+    except OSError as exc:  # the driver's own IO (disk full, a path that is a file) and Ray's connection errors
+        progress.stop()
+        _fail(_os_error_message(exc, cfg))
     except KeyboardInterrupt:
         progress.stop()
         console.print("[yellow]interrupted[/yellow]: committed shards are kept; rerun the same command to resume")
@@ -110,11 +121,35 @@ def run_command(
     console.print(f"output: {result.plan.final_dir}")
     console.print(f"inspect: gmner-pipeline status {cfg.run.output_dir}   |   "
                   f"gmner-pipeline show {cfg.run.output_dir} <record id>")
+    for warning in result.ingest.get("warnings") or []:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True, highlight=False)
+    problems = run_problems(result, cfg.run.max_error_share)
+    for problem in problems:
+        console.print(f"[red]run failed:[/red] {escape(problem)}", soft_wrap=True, highlight=False)
     if not result.ok:
         for stage, shard, err in result.failed:
             console.print(f"[red]failed[/red] {stage} shard {shard}: {err}")
         console.print("rerun the same command to retry the failed shards")
+    if problems or not result.ok:
         raise typer.Exit(1)
+
+
+def _os_error_message(exc: OSError, cfg: Any) -> str:
+    """One line for an OS error the driver hit, with what to do about it."""
+    import errno
+
+    if isinstance(exc, ConnectionError) and not exc.filename:  # ray.init could not join the cluster
+        return (f"{exc}; check run.ray_address / --address / RAY_ADDRESS (is the cluster up?), or leave them unset "
+                "for a local run")
+    where = f" {exc.filename}" if exc.filename else ""
+    what = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = where or f" under {cfg.run.output_dir}"
+        return (f"{what} while writing{where}; free space there or choose another run.output_dir (--output). "
+                "Committed shards are kept: rerun the same command to resume")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{what}:{where}; choose a run.output_dir you can write (--output)"
+    return f"{what}:{where}" if where else what
 
 
 @app.command("status")
@@ -167,6 +202,11 @@ from .scoring.cli import eval_command, grpo_report_command  # noqa: E402 - regis
 
 app.command("eval")(eval_command)
 app.command("grpo-report")(grpo_report_command)
+
+from .train.cli import predict_command, train_app  # noqa: E402 - the trainer's commands (torch etc. load lazily)
+
+app.add_typer(train_app, name="train")
+app.command("predict")(predict_command)
 
 
 @app.command("stages")

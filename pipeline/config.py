@@ -23,10 +23,28 @@ from .stage import StageConfig
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "parse_override", "bundled_config_path"]
 
+# Ray refuses a smaller object store (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES); checked here, before Ray starts.
+OBJECT_STORE_MIN_BYTES = 75 * 1024 * 1024
+
 
 # --- sources ---------------------------------------------------------------------------------------------------------
 
-class TwitterGmnerSource(Strict):
+class _SourceChecks(Strict):
+    """Settings every file-reading source shares: limits that keep one bad file from costing a run, and what an
+    empty split means."""
+
+    max_line_bytes: int = Field(64 * 1024, ge=64, description="a longer text line is an error on its record, "
+                                "and is never read whole (a CoNLL line holds one token and its label)")
+    empty_split: Literal["warn", "error"] = Field(
+        "warn", description="a configured split that yields no records: a warning in the run summary, or an error "
+        "that stops the run after ingest")
+    fingerprint: Literal["auto", "content", "stat"] = Field(
+        "auto", description="what the ingest key reads of the source files: 'auto' hashes the annotation files' "
+        "contents and only stats image folders, 'content' hashes images too, 'stat' only stats everything (names, "
+        "sizes, modification times); contents are re-hashed only for files whose stat changed")
+
+
+class TwitterGmnerSource(_SourceChecks):
     """Twitter-GMNER layout: ``<path>/txt/{split}.txt`` (CoNLL with IMGID lines) and ``<path>/xml/<id>.xml``."""
 
     kind: Literal["twitter_gmner"] = "twitter_gmner"
@@ -35,6 +53,8 @@ class TwitterGmnerSource(Strict):
     image_dir: str | None = Field(None, description="folder with <IMGID>.jpg; optional (annotations-only ingest)")
     name: str = "twitter-gmner-v2"
     limit: int | None = Field(None, ge=1, description="ingest only the first N samples per split (for trials)")
+    max_xml_bytes: int = Field(1024 * 1024, ge=1024, description="a larger XML file is an error on its record "
+                               "(Twitter-GMNER's are about 1 KB)")
 
     @field_validator("splits")
     @classmethod
@@ -49,7 +69,7 @@ class TwitterGmnerSource(Strict):
         return frozenset({"image"}) if self.image_dir else frozenset()
 
 
-class SampleSource(Strict):
+class SampleSource(_SourceChecks):
     """The small sample that ships inside the package (photos materialised from scikit-image / matplotlib)."""
 
     kind: Literal["sample"] = "sample"
@@ -60,7 +80,7 @@ class SampleSource(Strict):
         return frozenset({"image"})
 
 
-class ConllSource(Strict):
+class ConllSource(_SourceChecks):
     """A text-only CoNLL BIO file (token<TAB or space>label per line), with a label mapping to the target types."""
 
     kind: Literal["conll"] = "conll"
@@ -89,8 +109,14 @@ class RunSettings(Strict):
     shard_size: int = Field(256, ge=1, description="records per shard: the unit of work and of recovery")
     seed: int = 0
     ray_address: str | None = Field(None, description="join an existing Ray cluster (else RAY_ADDRESS, else local)")
-    num_cpus: float | None = Field(None, description="CPUs for a local Ray instance (default: all)")
-    object_store_memory: int | None = Field(None, description="bytes for a local Ray object store")
+    ray_connect_timeout_s: float = Field(10.0, gt=0, description="how long to wait for ray_address to answer "
+                                         "before the run fails (checked before anything runs)")
+    num_cpus: float | None = Field(None, gt=0, description="CPUs for a local Ray instance (default: all)")
+    object_store_memory: int | None = Field(
+        None, ge=OBJECT_STORE_MIN_BYTES, description="bytes for a local Ray object store (Ray's minimum: 75 MiB)")
+    max_error_share: float = Field(
+        0.5, ge=0, le=1, description="the run fails (exit 1) when more than this share of its records ends with "
+        "status 'error' (a missing image folder, a dead endpoint); 1 never fails on errors")
     progress: bool = True
     shard_attempts: int = Field(3, ge=1, description="driver-level tries per shard before it is reported as failed")
     actor_restarts: int = Field(3, ge=0, description="Ray restarts of a dead stage worker (each retries its shard)")

@@ -12,7 +12,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator
 
-from .ingest import read_source
+from .dataset_card import write_dataset_card
+from .ingest import check_source, read_source, source_splits
 from .plan import IngestPlan
 from .shards import MANIFEST, commit_shard, read_json, remove_stale_temporaries, shard_path, write_json_atomic, \
     write_records
@@ -21,6 +22,17 @@ from .worker import shard_stats
 log = logging.getLogger(__name__)
 
 COMPLETE = "_complete.json"
+
+
+class EmptySplitError(ValueError):
+    """A configured split yielded no records and the source says that is an error (``empty_split: error``)."""
+
+
+def empty_split_warnings(source_config: Any, records_by_split: dict[str, int]) -> list[str]:
+    """One warning per configured split that yielded no records (a wrong file, or a filter that removed all)."""
+    return [f"split {split!r} of source {getattr(source_config, 'name', source_config.kind)!r} yielded no records; "
+            "check the file, or remove the split from the config"
+            for split in source_splits(source_config) if not records_by_split.get(split)]
 
 
 def _chunks(it: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
@@ -33,19 +45,23 @@ def run_ingest(plan: IngestPlan, source_config: Any, cache_dir: Path, run_id: st
     done = plan.dir / COMPLETE
     if done.is_file():
         return read_json(done)
+    check_source(source_config)
     plan.dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(plan.dir)
-    write_json_atomic(plan.dir / MANIFEST, {"stage": "ingest", "key": plan.key, "source": plan.source,
-                                            "shard_size": plan.shard_size})
+    manifest = {"stage": "ingest", "key": plan.key, "source": plan.source, "shard_size": plan.shard_size}
+    write_json_atomic(plan.dir / MANIFEST, manifest)
+    write_dataset_card(plan.dir, manifest)
     t0 = time.perf_counter()
     totals = {"records_in": 0, "records_ok": 0, "records_error": 0}
     n_shards = 0
     seen: set[str] = set()
+    by_split: dict[str, int] = {}
     for index, records in enumerate(_chunks(read_source(source_config, cache_dir), plan.shard_size)):
         for rec in records:
             if rec["id"] in seen:  # readers make ids unique; this guards the exactly-once promise itself
                 raise RuntimeError(f"ingest produced the id {rec['id']!r} twice; ids must be unique per source")
             seen.add(rec["id"])
+            by_split[rec["split"]] = by_split.get(rec["split"], 0) + 1
         write_records(shard_path(plan.dir, index), records)
         stats = shard_stats(records, "ingest")
         stats.update(stage="ingest", stage_key=plan.key, run_id=run_id, shard=index)
@@ -53,7 +69,12 @@ def run_ingest(plan: IngestPlan, source_config: Any, cache_dir: Path, run_id: st
         for k in totals:
             totals[k] += stats[k]
         n_shards = index + 1
-    summary = {"num_shards": n_shards, **totals, "seconds": round(time.perf_counter() - t0, 3), "key": plan.key}
+    warnings = empty_split_warnings(source_config, by_split)
+    if warnings and getattr(source_config, "empty_split", "warn") == "error":
+        # no completion file: once the source is fixed (its fingerprint changes) or the flag lifted, ingest reruns
+        raise EmptySplitError("; ".join(warnings) + " (source.empty_split=error)")
+    summary = {"num_shards": n_shards, **totals, "records_by_split": by_split, "warnings": warnings,
+               "seconds": round(time.perf_counter() - t0, 3), "key": plan.key}
     write_json_atomic(done, summary)
     log.debug("ingest: %d records in %d shards (%d with errors)", totals["records_in"], n_shards,
              totals["records_error"])

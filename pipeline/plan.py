@@ -8,7 +8,6 @@ follows while reusing retrieval, detections and knowledge.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,8 @@ from .hashing import stable_hash
 from .schema import SCHEMA_MAJOR
 from .stage import Stage, StageConfig
 
-INGEST_VERSION = "1"
+# 2: bad bytes, over-long lines and boxes without an image size are errors on their records; error-only blocks kept
+INGEST_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -61,39 +61,25 @@ class RunPlan:
         return self.stages[-1].dir if self.stages else self.ingest.dir
 
 
-def source_fingerprint(source: Any) -> str:
-    """A cheap fingerprint of the files a source reads: names, sizes and modification times (no content hashing,
-    so it stays fast on large image folders). Bundled sample: the package version and its files."""
-    h = hashlib.sha256()
-    roots: list[Path] = []
+def source_fingerprint(source: Any, memo_dir: Path | None = None) -> str:
+    """A fingerprint of the files a source reads (see fingerprint.py): with ``source.fingerprint: auto`` (the
+    default) the annotation files by content and image folders by name, size and modification time; ``content``
+    hashes images too, ``stat`` hashes nothing. Digests are memoised in ``memo_dir`` under each file's stat
+    signature, so a rerun reads only the files that changed."""
+    from .fingerprint import ANNOTATIONS, IMAGES, MEMO_FILE, fingerprint
+
+    roots: list[tuple[Path, str]] = []
     if source.kind == "twitter_gmner":
         root = Path(source.path)
-        roots += [root / "txt", root / "xml"]
+        roots += [(root / "txt", ANNOTATIONS), (root / "xml", ANNOTATIONS)]
         if source.image_dir:
-            roots.append(Path(source.image_dir))
+            roots.append((Path(source.image_dir), IMAGES))
     elif source.kind == "conll":
-        roots.append(Path(source.path))
+        roots.append((Path(source.path), ANNOTATIONS))
     elif source.kind == "sample":
-        roots.append(Path(__file__).resolve().parent / "sample")
-    for root in roots:
-        if root.is_file():
-            st = root.stat()
-            h.update(f"{root}|{st.st_size}|{st.st_mtime_ns}".encode())
-            continue
-        if not root.is_dir():
-            h.update(f"{root}|missing".encode())
-            continue
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = os.path.join(dirpath, name)
-                try:
-                    st = os.stat(path)
-                    state = f"{st.st_size}|{st.st_mtime_ns}"
-                except OSError:  # a dangling link or unreadable file: that record's problem, not the whole run's
-                    state = "unreadable"
-                h.update(f"{os.path.relpath(path, root)}|{state}".encode())
-    return h.hexdigest()[:16]
+        roots.append((Path(__file__).resolve().parent / "sample", ANNOTATIONS))
+    mode = getattr(source, "fingerprint", "auto")
+    return fingerprint(roots, mode, memo_dir / MEMO_FILE if memo_dir is not None else None)
 
 
 def llm_key_payload(config: RunConfig, roles: set[str]) -> dict[str, Any] | None:
@@ -152,7 +138,8 @@ def plan_run(config: RunConfig, stages: list[str] | None = None) -> RunPlan:
     out = Path(os.path.abspath(Path(config.run.output_dir).expanduser()))
     source = config.source.model_dump(mode="json")
     ingest_key = stable_hash({"ingest": INGEST_VERSION, "schema_major": SCHEMA_MAJOR, "source": source,
-                              "shard_size": config.run.shard_size, "files": source_fingerprint(config.source)})
+                              "shard_size": config.run.shard_size,
+                              "files": source_fingerprint(config.source, out / "cache")})
     ingest = IngestPlan(ingest_key, out / "ingest" / ingest_key, source, config.run.shard_size)
 
     names = stages if stages is not None else config.pipeline

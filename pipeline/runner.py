@@ -16,6 +16,7 @@ import uuid
 from typing import Any, Callable, Iterator
 
 from .config import RunConfig
+from .dataset_card import write_dataset_card
 from .hashing import stable_hash
 from .ingest_step import run_ingest
 from .llm.config import LLMConfig
@@ -76,6 +77,7 @@ def execute(plan: RunPlan, config: RunConfig, num_shards: int, contexts: list[St
         s.dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(s.dir)
         write_json_atomic(s.dir / MANIFEST, s.manifest())
+        write_dataset_card(s.dir, s.manifest())  # so that datasets.load_dataset(s.dir) reads the shards only
     from .ray_executor import RayExecutor, ray_session
 
     with ray_session(config) as ray:

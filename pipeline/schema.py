@@ -203,17 +203,30 @@ def table_to_records(table: pa.Table) -> list[dict[str, Any]]:
     return conform_table(table).to_pylist()
 
 
+VERSION_KEY = b"gmner_pipeline.schema_version"
+# Columns a DataFrame library adds on its own (pandas writes a non-default index as __index_level_N__).
+_FOREIGN_COLUMN_PREFIXES = ("__index_level_",)
+
+
 def conform_table(table: pa.Table, columns: list[str] | None = None) -> pa.Table:
-    """Bring a table written with an older MINOR version up to RECORD_SCHEMA (new nullable fields as null); with
-    ``columns``, up to those fields of it, in that order."""
+    """Bring a table to RECORD_SCHEMA (with ``columns``: to those fields of it, in that order): one written with an
+    older MINOR version (new nullable fields as null), or one that lost the version metadata on the way through
+    another tool (Ray Data, pandas, DuckDB, polars write their own schema: wider integers, large strings, variable
+    lists, another column order), when its columns conform."""
     meta = table.schema.metadata or {}
-    version = meta.get(b"gmner_pipeline.schema_version", b"0.0").decode()
-    major = int(version.split(".")[0])
-    if major != SCHEMA_MAJOR:
-        raise SchemaMismatch(
-            f"shard written with record schema {version}, this gmner-pipeline reads {SCHEMA_VERSION}; "
-            "rerun the stage that wrote it (its output key changes with the schema major version)"
-        )
+    if VERSION_KEY in meta:
+        version = meta[VERSION_KEY].decode()
+        if int(version.split(".")[0]) != SCHEMA_MAJOR:
+            raise SchemaMismatch(
+                f"shard written with record schema {version}, this gmner-pipeline reads {SCHEMA_VERSION}; "
+                "rerun the stage that wrote it (its output key changes with the schema major version)"
+            )
+    else:
+        problem = _columns_problem(table.schema, columns)
+        if problem:
+            raise SchemaMismatch(f"table carries no gmner_pipeline schema version and does not look like a record "
+                                 f"table ({problem}); records need the columns of record schema {SCHEMA_VERSION} "
+                                 "(docs/schema.md): keep them when you post-process shards")
     target = RECORD_SCHEMA if columns is None else pa.schema([RECORD_SCHEMA.field(c) for c in columns],
                                                              metadata=RECORD_SCHEMA.metadata)
     if table.schema.equals(target, check_metadata=False):
@@ -221,7 +234,29 @@ def conform_table(table: pa.Table, columns: list[str] | None = None) -> pa.Table
     arrays = []
     for field in target:
         if field.name in table.column_names:
-            arrays.append(table.column(field.name).cast(field.type))
+            try:
+                arrays.append(table.column(field.name).cast(field.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+                raise SchemaMismatch(f"column {field.name!r} has type {table.schema.field(field.name).type}, which "
+                                     f"does not convert to the record schema's {field.type}: {exc}") from None
         else:
             arrays.append(pa.nulls(table.num_rows, type=field.type))
-    return pa.Table.from_arrays(arrays, schema=target)
+    try:
+        return pa.Table.from_arrays(arrays, schema=target)
+    except pa.ArrowInvalid as exc:  # a null in a required column
+        raise SchemaMismatch(f"table does not fit record schema {SCHEMA_VERSION}: {exc}") from None
+
+
+def _columns_problem(schema: pa.Schema, columns: list[str] | None = None) -> str | None:
+    """Why a table without version metadata is not a record table (unknown columns, or required ones missing among
+    those asked for), or None."""
+    names = [n for n in schema.names if not n.startswith(_FOREIGN_COLUMN_PREFIXES)]
+    unknown = sorted(set(names) - set(FIELD_NAMES))
+    wanted = set(FIELD_NAMES if columns is None else columns)
+    missing = [f.name for f in RECORD_FIELDS if not f.nullable and f.name in wanted and f.name not in names]
+    parts = []
+    if unknown:
+        parts.append(f"columns not in the schema: {unknown}")
+    if missing:
+        parts.append(f"required columns missing: {missing}")
+    return "; ".join(parts) or None

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from ..schema import GROUNDING_ABSENT, STATUS_ERROR, empty_record
-from .conll import bio_spans, read_conll_blocks
+from .conll import DEFAULT_MAX_LINE_BYTES, bio_spans, read_conll_blocks
 from .twitter_gmner import make_id
 
 
@@ -29,11 +29,12 @@ def map_label(label: str, label_map: Mapping[str, str]) -> str | None:
 
 
 def read_text_conll(path: str | Path, *, label_map: Mapping[str, str], source: str = "conll", split: str = "train",
-                    strict_labels: bool = False, limit: int | None = None) -> Iterator[dict[str, Any]]:
+                    strict_labels: bool = False, limit: int | None = None,
+                    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"CoNLL file {path} not found")
-    for n, block in enumerate(read_conll_blocks(path)):
+    for n, block in enumerate(read_conll_blocks(path, max_line_bytes=max_line_bytes)):
         if limit is not None and n >= limit:
             return
         where = f"{block.path}:{block.line}: "

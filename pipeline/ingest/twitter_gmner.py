@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..schema import GROUNDING_PRESENT, STATUS_ERROR, empty_record
-from .conll import bio_spans, read_conll_blocks
+from .conll import DEFAULT_MAX_LINE_BYTES, bio_spans, read_conll_blocks
 from .images import find_image, image_info
-from .voc import box_problem, read_voc
+from .voc import DEFAULT_MAX_XML_BYTES, box_problem, read_voc
 
 HEADER = "IMGID:"
 
@@ -26,23 +26,29 @@ def make_id(source: str, split: str, key: str) -> str:
 
 
 def read_twitter_gmner(root: str | Path, split: str, *, source: str = "twitter-gmner-v2",
-                       image_dir: str | Path | None = None, limit: int | None = None) -> Iterator[dict[str, Any]]:
+                       image_dir: str | Path | None = None, limit: int | None = None,
+                       max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, max_xml_bytes: int = DEFAULT_MAX_XML_BYTES
+                       ) -> Iterator[dict[str, Any]]:
     root = Path(root)
-    txt = root / "txt" / f"{split}.txt"
+    txt = split_file(root, split)
     if not txt.is_file():
         raise FileNotFoundError(f"{txt} not found: expected the Twitter-GMNER layout <root>/txt/{{split}}.txt")
     seen: dict[str, int] = defaultdict(int)
-    for n, block in enumerate(read_conll_blocks(txt, header_prefix=HEADER)):
+    for n, block in enumerate(read_conll_blocks(txt, header_prefix=HEADER, max_line_bytes=max_line_bytes)):
         if limit is not None and n >= limit:
             return
         key = (block.header or "")[len(HEADER):].strip() or f"line{block.line}"
         seen[key] += 1
         record_key = key if seen[key] == 1 else f"{key}#{seen[key]}"  # a repeated IMGID stays a distinct record
-        yield tweet_record(block, key, record_key, split, source, root, image_dir)
+        yield tweet_record(block, key, record_key, split, source, root, image_dir, max_xml_bytes)
+
+
+def split_file(root: str | Path, split: str) -> Path:
+    return Path(root) / "txt" / f"{split}.txt"
 
 
 def tweet_record(block, image_key: str, record_key: str, split: str, source: str, root: Path,
-                 image_dir: str | Path | None) -> dict[str, Any]:
+                 image_dir: str | Path | None, max_xml_bytes: int = DEFAULT_MAX_XML_BYTES) -> dict[str, Any]:
     errors = list(block.errors)
     spans, bio_errors = bio_spans(block.labels, block.path, block.lines)
     errors += bio_errors
@@ -53,12 +59,29 @@ def tweet_record(block, image_key: str, record_key: str, split: str, source: str
         for s in spans
     ]
 
-    width = height = None
+    # The image first: when the XML has no <size>, the boxes are checked against the image's own size.
+    image = {"path": None, "uri": f"{source}:{image_key}", "sha256": None, "width": None, "height": None}
+    image_path = None
+    if image_dir is not None:
+        image_path = find_image(image_dir, image_key)
+        if image_path is None:
+            errors.append(f"image for IMGID:{image_key} not found in {image_dir} (expected {image_key}.jpg)")
+        else:
+            image, err = image_info(image_path, uri=f"{source}:{image_key}")
+            if err:
+                errors.append(err)
+
     xml_path = root / "xml" / f"{image_key}.xml"
     if xml_path.is_file():
-        ann = read_voc(xml_path)
+        ann = read_voc(xml_path, max_bytes=max_xml_bytes)
         errors += ann.errors
-        width, height = ann.width, ann.height
+        if ann.width is not None and ann.height is not None:
+            if image["width"] is not None and (image["width"], image["height"]) != (ann.width, ann.height):
+                errors.append(f"{image_path}: image is {image['width']}x{image['height']} but {xml_path} says "
+                              f"{ann.width}x{ann.height}; boxes would not fit the image")
+            elif image["width"] is None:
+                image["width"], image["height"] = ann.width, ann.height
+        width, height = image["width"], image["height"]
         by_text: dict[str, list] = defaultdict(list)
         first_line: dict[str, int] = {}
         for obj in ann.objects:
@@ -75,19 +98,6 @@ def tweet_record(block, image_key: str, record_key: str, split: str, source: str
                               f"({block.path}:{block.line}); entities: {sorted(texts)}")
         for ent in entities:
             ent["boxes"] = by_text.get(ent["text"], [])
-
-    image = {"path": None, "uri": f"{source}:{image_key}", "sha256": None, "width": width, "height": height}
-    if image_dir is not None:
-        path = find_image(image_dir, image_key)
-        if path is None:
-            errors.append(f"image for IMGID:{image_key} not found in {image_dir} (expected {image_key}.jpg)")
-        else:
-            image, err = image_info(path, uri=f"{source}:{image_key}")
-            if err:
-                errors.append(err)
-            elif width is not None and (image["width"], image["height"]) != (width, height):
-                errors.append(f"{path}: image is {image['width']}x{image['height']} but {xml_path} says "
-                              f"{width}x{height}; boxes would not fit the image")
 
     record = empty_record(
         id=make_id(source, split, record_key), source=source, split=split, sample_key=record_key,
