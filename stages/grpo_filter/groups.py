@@ -1,8 +1,8 @@
 """Pure functions of the GRPO filter: which records are sampled, the gold they are scored against, one group's
 rewards and statistics, and the record's ``grpo`` column.
 
-Every reward is THE project reward (``scoring.gmner_reward``) on the completion mapped back to original pixels, with
-the gold read exactly as the GRPO trainer reads its ``gold`` column (the record's gold answer string, through
+Every reward is THE project reward (``scoring.gmner_reward``) on the completion mapped back to original pixels by the
+GRPO trainer's own function, with the gold read exactly as the trainer reads its ``gold`` column (the record's gold answer string, through
 ``scoring.read_gold``), so that a group's statistics describe what GRPO training will see for that record.
 """
 
@@ -15,11 +15,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from gmner_pipeline.answer import Triple, format_answer, gold_triples
-from gmner_pipeline.frames import FrameConfig, text_from_frame
+from gmner_pipeline.frames import FrameConfig
 from gmner_pipeline.publish import has_consistent_chain
 from gmner_pipeline.schema import GROUNDING_ABSENT
 from gmner_pipeline.scoring import GrpoFilterConfig, RewardBreakdown, RewardConfig, gmner_reward, grpo_column, read_gold
 from gmner_pipeline.splits import D2
+from gmner_pipeline.train.rewards import to_original_pixels  # the GRPO trainer's mapping: one function for both
 
 INCOMPLETE = "incomplete_group"  # the grpo.reason of a group with a failed request (the record is an error)
 SKIP_GROUNDING_ABSENT = "grounding_absent"
@@ -52,19 +53,13 @@ def image_size(record: dict[str, Any]) -> tuple[int, int] | None:
     return (int(w), int(h)) if w and h else None
 
 
-def to_original_pixels(completion: str, size: tuple[int, int] | None, frame: FrameConfig) -> str:
-    """Every ``[x1,y1,x2,y2]`` of a completion from the policy's frame back to original pixels (the trainer's
-    mapping: unchanged in the original frame or without an image size)."""
-    if frame.kind == "original" or size is None:
-        return completion
-    return text_from_frame(completion, size[0], size[1], frame)
-
-
 def score_group(completions: Sequence[str | None], gold: Sequence[Triple], size: tuple[int, int] | None,
                 frame: FrameConfig, reward: RewardConfig) -> list[RewardBreakdown | None]:
-    """Each completion's reward breakdown (None for a sample that never came back). An unparsable completion scores 0
-    (``gmner_reward`` never raises on model output)."""
-    return [None if text is None else gmner_reward(to_original_pixels(text, size, frame), gold, reward)
+    """Each completion's reward breakdown (None for a sample that never came back): its boxes mapped back from the
+    policy's frame to original pixels by the trainer's own function (``train.rewards.to_original_pixels``), then
+    ``gmner_reward``. An unparsable completion scores 0 (``gmner_reward`` never raises on model output)."""
+    width, height = size or (None, None)
+    return [None if text is None else gmner_reward(to_original_pixels(text, width, height, frame), gold, reward)
             for text in completions]
 
 

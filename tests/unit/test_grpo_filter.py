@@ -12,13 +12,13 @@ import pytest
 from gmner_pipeline import student
 from gmner_pipeline.frames import FrameConfig, to_frame
 from gmner_pipeline.llm.services import llm_services
-from gmner_pipeline.scoring import RewardConfig, gmner_reward, make_trl_reward, read_gold
+from gmner_pipeline.scoring import RewardConfig, gmner_reward, read_gold
 from gmner_pipeline.shards import commit_shard, shard_path, write_records
 from gmner_pipeline.stage import StageContext
 from gmner_pipeline.stages.grpo_filter import GrpoFilterStage, GrpoFilterStageConfig
-from gmner_pipeline.stages.grpo_filter.groups import to_original_pixels
 from gmner_pipeline.stages.grpo_filter.report import build_report, write_report
 from gmner_pipeline.testing import Fault, FakeOpenAI
+from gmner_pipeline.train.rewards import policy_reward
 from gmner_pipeline.worker import run_batch, start_stage, stop_stage
 from support.grpo import BOX, ScriptedPolicy, d2_record
 
@@ -175,11 +175,13 @@ def test_completions_are_scored_in_original_pixels_like_the_trainer():
         out, _ = run([record("keep")], srv, stage_config(prompt={"image": False, "frame": {"kind": "qwen2_vl"}}))
     rewards = out[0]["grpo"]["rewards"]
     assert rewards[0] == pytest.approx(1.0) and rewards[4] < 1.0  # the frame's box maps back onto the gold box
-    # the trainer's reward function: completions mapped back to original pixels, gold as its "gold" column holds it
-    trainer = make_trl_reward(RewardConfig())
-    mapped = [to_original_pixels(t, (100, 80), frame) for t in framed]
-    expected = trainer(None, mapped, gold=["Alice Smith|PER|[10,5,50,70]"] * 8)
-    assert rewards == pytest.approx(expected, abs=1e-7)
+    # the GRPO trainer's reward function on the same completions, with its dataset columns for this record
+    from gmner_pipeline.train.data import DataStats, grpo_rows
+
+    row = next(grpo_rows([record("keep")], student.StudentPromptConfig(image=False, frame=frame), DataStats()))
+    trainer = policy_reward(RewardConfig(), frame)
+    expected = trainer(None, framed, gold=[row["gold"]] * 8, width=[row["width"]] * 8, height=[row["height"]] * 8)
+    assert rewards == pytest.approx(expected, abs=1e-7) and expected[0] == 1.0
 
 
 def test_the_report_counts_each_rule_and_draws_the_histograms(tmp_path):
