@@ -1,7 +1,7 @@
 """How much of D2 each GRPO filter rule removes, with the project's safe reward defaults against MCR's reward as
 published, on simulated SFT-policy completions of Twitter-GMNER train.
 
-    python benchmarks/grpo_filter_rules.py [--data ../shared/data/twitter-gmner-v2] [--limit 3000] [--seed 0]
+    python benchmarks/grpo_filter_rules.py [--data DIR (default: $GMNER_DATA or ../shared)] [--limit 7000] [--seed 0]
 
 No SFT policy of the papers' quality runs here (no Qwen weights offline), so completions are simulated from the gold
 with an error model, per item and per sample:
@@ -23,7 +23,6 @@ samples scoring exactly 0. Thresholds: MCR's (std >= 0.1, max >= 0.8, 0.08 <= me
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 from collections import Counter
@@ -93,9 +92,10 @@ def sample_completion(record: dict[str, Any], q: float, rng: random.Random, form
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    shared = Path(os.environ.get("GMNER_SHARED_DIR") or REPO.parent / "shared")
-    ap.add_argument("--data", default=str(shared / "data" / "twitter-gmner-v2"))
-    ap.add_argument("--limit", type=int, default=3000, help="train tweets used (7,000 in all)")
+    from common import DEFAULT_DATA  # $GMNER_DATA, else ../shared (beside the checkout or its worktrees folder)
+
+    ap.add_argument("--data", default=str(DEFAULT_DATA) if DEFAULT_DATA else None)
+    ap.add_argument("--limit", type=int, default=7000, help="train tweets used (7,000 in all)")
     ap.add_argument("--means", default="0.75,0.8,0.85,0.9", help="mean per-decision quality m, comma-separated")
     ap.add_argument("--concentration", type=float, default=4.0, help="k: higher = items more alike")
     ap.add_argument("--format-errors", type=float, default=0.05)
@@ -107,8 +107,8 @@ def main() -> None:
     from gmner_pipeline.scoring import EvalConfig, GrpoFilterConfig, RewardConfig, evaluate, gmner_reward, group_stats
     from gmner_pipeline.scoring.evaluate import Sample
 
-    if not Path(args.data).is_dir():
-        sys.exit(f"{args.data} not found: pass --data <Twitter-GMNER v2 folder>")
+    if not args.data or not Path(args.data).is_dir():
+        sys.exit(f"{args.data} not found: pass --data <Twitter-GMNER v2 folder> (or set GMNER_DATA)")
     records = [r for r in read_twitter_gmner(args.data, "train", limit=args.limit) if r["status"] == "ok"]
     configs = {"safe (RewardConfig())": RewardConfig(), "MCR (RewardConfig.mcr())": RewardConfig.mcr()}
     filt = GrpoFilterConfig()
