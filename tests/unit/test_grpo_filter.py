@@ -234,3 +234,28 @@ def test_a_new_sft_adapter_recomputes_this_stage_only(tmp_path):
         assert after["template_cot"] == before[kind]["template_cot"], kind
         assert after["grpo_filter"] != before[kind]["grpo_filter"], kind
     assert fewer["template_cot"] == before["served"]["template_cot"] != fewer["grpo_filter"]
+
+
+def test_a_multimodal_policy_gets_the_image_in_its_frame_and_answers_in_it(tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from gmner_pipeline.frames import model_image_size
+
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (640, 427), (90, 120, 30)).save(path)
+    rec = record("keep")
+    rec["image"] = {"path": str(path), "uri": None, "sha256": None, "width": 640, "height": 427}
+    frame = FrameConfig(kind="qwen2_5_vl")
+    box = ",".join(str(int(v)) for v in to_frame(BOX, 640, 427, frame))
+    answer = turn(f"Alice Smith|PER|[{box}]")  # the gold box, in pixels of the resized image the policy sees
+    with ScriptedPolicy(by_key({"keep": [answer] * 4 + [R00] * 4})) as srv:
+        out, _ = run([rec], srv, stage_config(prompt={"image": True, "frame": {"kind": "qwen2_5_vl"}}))
+        content = srv.seen[0].body["messages"][0]["content"]
+    assert [p["type"] for p in content] == ["image_url", "text"]
+    data = base64.b64decode(content[0]["image_url"]["url"].split(",", 1)[1])
+    assert Image.open(io.BytesIO(data)).size == model_image_size(frame, 640, 427) != (640, 427)
+    assert "pixels of the image as you see it" in content[1]["text"]  # the frame's sentence in the instruction
+    assert out[0]["grpo"]["rewards"] == [1.0] * 4 + [0.0] * 4  # mapped back to original pixels before IoU
