@@ -69,7 +69,7 @@ def run_stage_once(base_url: str, model: str, recs: list[dict], args: argparse.N
 def raw_requests(recs: list[dict], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Exactly the bodies the stage sends (same builder, same seeds)."""
     from gmner_pipeline import student
-    from gmner_pipeline.stages.grpo_filter.policy import Sampling, ServedPolicy
+    from gmner_pipeline.stages.grpo_filter.policy import ServedPolicy
     from gmner_pipeline.stages.grpo_filter.stage import GrpoFilterStageConfig, record_seed
 
     cfg = GrpoFilterStageConfig.model_validate(stage_config(args))

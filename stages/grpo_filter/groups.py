@@ -2,8 +2,8 @@
 rewards and statistics, and the record's ``grpo`` column.
 
 Every reward is THE project reward (``scoring.gmner_reward``) on the completion mapped back to original pixels by the
-GRPO trainer's own function, with the gold read exactly as the trainer reads its ``gold`` column (the record's gold answer string, through
-``scoring.read_gold``), so that a group's statistics describe what GRPO training will see for that record.
+GRPO trainer's own function, with the gold read exactly as the trainer reads its ``gold`` column (the record's gold
+answer string, through ``scoring.read_gold``), so that a group's statistics describe what GRPO will see for it.
 """
 
 from __future__ import annotations

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from gmner_pipeline import student
-from gmner_pipeline.llm.client import LLMClient
 from gmner_pipeline.llm.config import ImageConfig, LocalPolicyConfig
 from gmner_pipeline.llm.request import LLMRequest, LLMResult
 from gmner_pipeline.student import StudentPromptConfig
+
+if TYPE_CHECKING:
+    from gmner_pipeline.llm.client import LLMClient
 
 Messages = list[dict[str, Any]]
 
@@ -45,8 +47,7 @@ class Samples:
     error: str | None = None
     error_kind: str | None = None
     results: list[LLMResult] = field(default_factory=list)  # served: for the lineage (tokens, latency, model)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # local: generated tokens (served results carry their own)
 
 
 def policy_prompt_info(adapter: str | None) -> dict[str, Any]:

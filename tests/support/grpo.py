@@ -1,6 +1,7 @@
-"""Helpers for grpo_filter tests: ``d2_record`` (a D2 record with a consistent chain, gold "Alice Smith|PER|[10,5,50,70]"
-in a 100x80 image) and ``ScriptedPolicy``, an in-process OpenAI-compatible server (``FakeOpenAI``) that answers each
-prompt with a scripted group of completions, so that every reward, and so every keep/drop decision, is known."""
+"""Helpers for grpo_filter tests: ``d2_record`` (a D2 record with a consistent chain, gold
+"Alice Smith|PER|[10,5,50,70]" in a 100x80 image) and ``ScriptedPolicy``, an in-process OpenAI-compatible server
+(``FakeOpenAI``) that answers each prompt with a scripted group of completions, so that every reward, and so every
+keep/drop decision, is known."""
 
 from __future__ import annotations
 
