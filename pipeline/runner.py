@@ -39,18 +39,23 @@ def new_run_id() -> str:
 
 @contextlib.contextmanager
 def llm_service_scope(config: RunConfig, plan: RunPlan) -> Iterator[LLMConfig | None]:
-    """The resolved LLM config for every role the planned stages call (starting the embedded server if some role
-    needs it; stopped when the block exits), or None when no stage calls an LLM."""
+    """The resolved LLM config for every role the planned stages call (starting the embedded server, or a role's
+    managed replicas on the Ray cluster, if some role needs them; stopped when the block exits), or None when no
+    stage calls an LLM. Managed replicas are Ray actors, so Ray starts here, before them; the executor reuses it."""
     roles: set[str] = set()
     for s in plan.stages:
         roles |= s.cls.llm_roles(s.config)
     if not roles:
         yield None
         return
-    from gmner_pipeline.llm.services import llm_services  # only needed by LLM-driven stages
+    from gmner_pipeline.llm.services import llm_services, managed_roles  # only needed by LLM-driven stages
 
-    with llm_services(config.llm, roles) as resolved:
-        yield resolved
+    with contextlib.ExitStack() as stack:
+        if managed_roles(config.llm, roles):
+            from .ray_executor import ray_session
+
+            stack.enter_context(ray_session(config))
+        yield stack.enter_context(llm_services(config.llm, roles))
 
 
 def stage_contexts(plan: RunPlan, config: RunConfig, run_id: str, llm: LLMConfig | None) -> list[StageContext]:
