@@ -172,6 +172,16 @@ def test_managed_replicas_survive_a_killed_server_and_a_killed_actor(tmp_path, m
         assert "restarted (1 of 2)" in stderr + stdout and "started again after its actor was restarted" in \
             stderr + stdout
         assert _servers(alias) == {}  # every server stopped with the run
+
+        # a replica no node can hold: the run stops before any work and says what is missing
+        cfg["llm"]["roles"]["teacher"]["serve"].update(num_gpus=8, placement_timeout_s=2)
+        cfg["run"]["output_dir"] = str(tmp_path / "out-gpu")
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        refused = subprocess.run([sys.executable, "-m", "gmner_pipeline.cli", "run", "--config",
+                                  str(tmp_path / "c.yaml"), "--address", cluster.address],
+                                 env=env, capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert "no node of the cluster has {CPU: 0.5, GPU: 8, llm_host: 1}" in refused.stderr
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
