@@ -17,10 +17,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .config import ConfigError, load_config
 from .plan import stages_for_command
 from .stage import StageSetupError
+from .storage import location
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Distributed data synthesis for Grounded Multimodal NER.")
 console = Console(stderr=True)
+OUTPUT_HELP = ("The run's output folder: a local path, or a bucket URL (s3://bucket/prefix, gs://bucket/prefix; "
+               "see docs/cluster.md).")
 
 
 def _stdout() -> Console:
@@ -155,19 +158,19 @@ def _os_error_message(exc: OSError, cfg: Any) -> str:
 
 
 @app.command("status")
-def status_command(output_dir: Path = typer.Argument(..., help="The run's output folder.")) -> None:
+def status_command(output_dir: str = typer.Argument(..., help=OUTPUT_HELP)) -> None:
     """Per stage: shards done/total, records in/out, drops by reason, errors."""
     from .report import OutputNotFound, status_table
 
     try:
-        _stdout().print(status_table(output_dir))
+        _stdout().print(status_table(location(output_dir)))
     except OutputNotFound as exc:
         _fail(str(exc))
 
 
 @app.command("show")
 def show_command(
-    output_dir: Path = typer.Argument(..., help="The run's output folder."),
+    output_dir: str = typer.Argument(..., help=OUTPUT_HELP),
     record_id: str = typer.Argument(..., help="Record id, e.g. twitter-gmner-v2/train/71044."),
     stage: Optional[str] = typer.Option(None, help="Show the record as that stage wrote it (default: the last)."),
 ) -> None:
@@ -175,7 +178,7 @@ def show_command(
     from .report import OutputNotFound, find_record, print_record
 
     try:
-        rec = find_record(output_dir, record_id, stage)
+        rec = find_record(location(output_dir), record_id, stage)
     except (OutputNotFound, KeyError) as exc:
         _fail(str(exc).strip("'\""))
     print_record(rec, _stdout())
@@ -183,7 +186,7 @@ def show_command(
 
 @app.command("view")
 def view_command(
-    output_dir: Path = typer.Argument(..., help="The run's output folder."),
+    output_dir: str = typer.Argument(..., help=OUTPUT_HELP),
     html_path: Optional[Path] = typer.Option(None, "--html",
                                              help="Where to write the page (default: <out>/view.html)."),
     limit: int = typer.Option(50, help="How many records to show."),
@@ -194,7 +197,7 @@ def view_command(
     from .report import OutputNotFound
 
     try:
-        path = write_html(output_dir, html_path, limit, stage)
+        path = write_html(location(output_dir), html_path, limit, stage)
     except (OutputNotFound, KeyError) as exc:
         _fail(str(exc).strip("'\""))
     console.print(f"wrote {path}")
@@ -202,7 +205,7 @@ def view_command(
 
 @app.command("teachers")
 def teachers_command(
-    output_dir: Path = typer.Argument(..., help="The run's output folder."),
+    output_dir: str = typer.Argument(..., help=OUTPUT_HELP),
     stage: str = typer.Option("distill", help="The CoT stage whose folders to compare (distill or template_cot)."),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON instead of tables."),
 ) -> None:
@@ -212,9 +215,10 @@ def teachers_command(
 
     from gmner_pipeline.stages.distill.compare import compare_teachers, render
 
-    if not output_dir.is_dir():
+    folder = location(output_dir)
+    if not folder.is_dir():
         _fail(f"{output_dir} is not a folder")
-    comparison = compare_teachers(output_dir, stage)
+    comparison = compare_teachers(folder, stage)
     if not comparison.folders:
         _fail(f"{output_dir} holds no {stage} output; run `gmner-pipeline run {stage} --output {output_dir}` first")
     if as_json:

@@ -16,6 +16,7 @@ from .answer import format_box
 from .report import load_latest
 from .summary import stage_totals
 from .shards import iter_committed_records
+from .storage import location
 
 THUMB = 480
 CSS = """
@@ -120,7 +121,7 @@ def render_html(output_dir: str | Path, limit: int = 50, stage: str | None = Non
         raise KeyError(f"stage {stage!r} is not in the last run; stages: {[c['stage'] for c in chain]}")
     counts = []
     for c in chain:
-        t = stage_totals(Path(c["dir"]))
+        t = stage_totals(location(c["dir"]))
         reasons = ", ".join(f"{k}: {v}" for k, v in t["drop_reasons"].items()) or "-"
         counts.append(f"<tr><td>{html.escape(c['stage'])}</td><td>{t['shards']}</td><td>{t['records_in']}</td>"
                       f"<td>{t['records_ok']}</td><td>{t['records_dropped']}</td><td>{t['records_error']}</td>"
@@ -136,6 +137,6 @@ def render_html(output_dir: str | Path, limit: int = 50, stage: str | None = Non
 
 def write_html(output_dir: str | Path, target: str | Path | None = None, limit: int = 50,
                stage: str | None = None) -> Path:
-    target = Path(target) if target else Path(output_dir) / "view.html"
+    target = location(target) if target else location(output_dir) / "view.html"
     target.write_text(render_html(output_dir, limit, stage), encoding="utf-8")
     return target

@@ -14,6 +14,7 @@ from rich.text import Text
 from .summary import RunResult, stage_totals
 from .answer import format_box
 from .shards import iter_committed_tables, read_json
+from .storage import location
 
 
 class OutputNotFound(FileNotFoundError):
@@ -21,7 +22,7 @@ class OutputNotFound(FileNotFoundError):
 
 
 def load_latest(output_dir: str | Path) -> dict[str, Any]:
-    path = Path(output_dir) / "latest.json"
+    path = location(output_dir) / "latest.json"
     if not path.is_file():
         raise OutputNotFound(f"{output_dir} holds no finished run (no latest.json); run `gmner-pipeline run "
                              f"synthesize --set run.output_dir={output_dir}` first")
@@ -43,7 +44,7 @@ def status_table(output_dir: str | Path) -> Table:
                          justify="right" if col in {"shards", "records in", "ok", "dropped", "errors"} else "left")
     total_shards = latest["ingest"]["num_shards"]
     for entry in latest["chain"]:
-        t = stage_totals(Path(entry["dir"]))
+        t = stage_totals(location(entry["dir"]))
         table.add_row(entry["stage"], entry["key"][:10], f"{t['shards']}/{total_shards}", str(t["records_in"]),
                       str(t["records_ok"]), str(t["records_dropped"]), str(t["records_error"]),
                       _reasons(t["drop_reasons"]), _reasons(t["errors_by_stage"]), _reasons(t["counters"]))

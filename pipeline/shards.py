@@ -6,6 +6,9 @@ marker counts as done: a crash between the rename and the marker just redoes tha
 fixed by the input shard, a redo replaces the file instead of adding a second copy. That is what makes runs
 exactly-once at the record level.
 
+On an object store (``s3://``, ``gs://``; ``storage.py``) the same protocol holds with whole-object PUTs in place of
+the temporary file and the rename: the data object first, the marker last.
+
 Readers of a stage's output read only committed shards (``committed_shards`` and the iterators built on it): a file
 without its marker is a shard being written, or one the runner voided, and is never data. When the runner voids a
 downstream shard (its input is about to be recomputed), ``void_shard`` removes the marker first, then the file.
@@ -22,6 +25,7 @@ import pyarrow.parquet as pq
 
 from .atomic import TMP_MARK, atomic_open, write_bytes_atomic
 from .schema import RECORD_SCHEMA, conform_table, records_to_table
+from .storage import ObjectPath, arrow_source, is_remote, location
 
 if TYPE_CHECKING:
     import datasets
@@ -35,15 +39,15 @@ def shard_name(index: int) -> str:
 
 
 def shard_path(stage_dir: str | Path, index: int) -> Path:
-    return Path(stage_dir) / f"{shard_name(index)}.parquet"
+    return location(stage_dir) / f"{shard_name(index)}.parquet"  # type: ignore[return-value]
 
 
 def marker_path(stage_dir: str | Path, index: int) -> Path:
-    return Path(stage_dir) / f"{shard_name(index)}.done.json"
+    return location(stage_dir) / f"{shard_name(index)}.done.json"  # type: ignore[return-value]
 
 
 def shard_index(path: str | Path) -> int:
-    return int(Path(path).name.split(".")[0].split("-")[1])
+    return int(location(path).name.split(".")[0].split("-")[1])
 
 
 def write_json_atomic(path: str | Path, payload: Any) -> None:
@@ -52,6 +56,8 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
+    if is_remote(path):
+        return json.loads(location(path).read_text())
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
 
@@ -67,10 +73,11 @@ def write_records(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
 def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     """One shard file as a table with the record schema (or its ``columns``), older MINOR versions brought up to date;
     raises ``schema.SchemaMismatch`` for another MAJOR version."""
+    where, filesystem = arrow_source(path)
     if columns is None:
-        return conform_table(pq.read_table(path))
-    present = set(pq.read_schema(path).names)
-    table = pq.read_table(path, columns=[c for c in columns if c in present])
+        return conform_table(pq.read_table(where, filesystem=filesystem))
+    present = set(pq.read_schema(where, filesystem=filesystem).names)
+    table = pq.read_table(where, columns=[c for c in columns if c in present], filesystem=filesystem)
     return conform_table(table, columns)
 
 
@@ -87,7 +94,18 @@ def is_committed(stage_dir: str | Path, index: int) -> bool:
     return marker_path(stage_dir, index).is_file() and shard_path(stage_dir, index).is_file()
 
 
+def _listed(stage_dir: ObjectPath) -> tuple[set[int], set[int]]:
+    """A bucket prefix's shard files and markers, from one LIST (not a request per shard)."""
+    names = {p.name for p in stage_dir.iterdir()}
+    files = {shard_index(n) for n in names if n.startswith("shard-") and n.endswith(".parquet")}
+    markers = {shard_index(n) for n in names if n.startswith("shard-") and n.endswith(".done.json")}
+    return files, markers
+
+
 def committed_indices(stage_dir: str | Path) -> set[int]:
+    if is_remote(stage_dir):
+        files, markers = _listed(location(stage_dir))  # type: ignore[arg-type]
+        return files & markers
     stage_dir = Path(stage_dir)
     if not stage_dir.is_dir():
         return set()
@@ -96,6 +114,14 @@ def committed_indices(stage_dir: str | Path) -> set[int]:
 
 def read_markers(stage_dir: str | Path) -> dict[int, dict[str, Any]]:
     """The commit markers (shard stats) of the committed shards, by shard index."""
+    if is_remote(stage_dir):
+        out = {}
+        for index in sorted(committed_indices(stage_dir)):
+            try:
+                out[index] = read_json(marker_path(stage_dir, index))
+            except (OSError, ValueError):
+                continue
+        return out
     stage_dir = Path(stage_dir)
     out = {}
     for p in sorted(stage_dir.glob("shard-*.done.json")):
@@ -120,7 +146,7 @@ def void_shard(stage_dir: str | Path, index: int) -> None:
 
 def committed_shards(stage_dir: str | Path) -> list[Path]:
     """The shard files of a stage folder that carry their commit marker, in shard order."""
-    stage_dir = Path(stage_dir)
+    stage_dir = location(stage_dir)  # type: ignore[assignment]
     return [shard_path(stage_dir, i) for i in sorted(committed_indices(stage_dir))]
 
 
@@ -155,6 +181,8 @@ def committed_dataset(stage_dir: str | Path, columns: list[str] | None = None) -
 
 def remove_stale_temporaries(stage_dir: str | Path) -> int:
     """Delete temporary files left by a killed process. Only call while holding the output folder's lock."""
+    if is_remote(stage_dir):
+        return 0  # whole-object PUTs leave no temporaries behind
     stage_dir = Path(stage_dir)
     if not stage_dir.is_dir():
         return 0

@@ -25,6 +25,7 @@ from pydantic import Field, field_validator, model_validator
 from ..configbase import ConfigError, Strict
 from ..frames import ORIGINAL, FrameConfig
 from ..paths import user_cache_dir
+from ..storage import ObjectPath, is_remote, location
 
 
 class LLMConfigError(ConfigError):
@@ -205,16 +206,27 @@ class CacheConfig(Strict):
     enabled: bool = True
     backend: Literal["sqlite", "files"] = Field(
         "sqlite", description="sqlite (WAL): one machine, many processes. files: one file per answer, atomic "
-        "rename; use it on shared storage (NFS, Lustre) for a cluster, where sqlite locking is unsafe")
+        "rename (one object PUT in a bucket); use it on shared storage (NFS, Lustre, s3://, gs://) for a cluster, "
+        "where sqlite locking is unsafe")
     path: str | None = Field(
-        None, description="default: $GMNER_LLM_CACHE, else ~/.cache/gmner-pipeline/llm-cache(.sqlite)")
+        None, description="default: $GMNER_LLM_CACHE, else ~/.cache/gmner-pipeline/llm-cache(.sqlite); a bucket URL "
+        "(s3://bucket/llm-cache?..., gs://...) with backend: files")
 
-    def resolved_path(self) -> Path:
+    @model_validator(mode="after")
+    def _sqlite_is_local(self) -> "CacheConfig":
+        where = self.path or os.environ.get("GMNER_LLM_CACHE") or ""
+        if self.enabled and self.backend == "sqlite" and is_remote(where):
+            raise ValueError(f"llm.cache.path={where} is a bucket: sqlite needs a local file; set "
+                             "llm.cache.backend=files to keep the cache in the bucket")
+        return self
+
+    def resolved_path(self) -> "Path | ObjectPath":
+        """A local path, or an ``ObjectPath`` for a bucket URL (``storage.py``)."""
         if self.path:
-            return Path(self.path).expanduser()
+            return location(self.path).expanduser()
         env = os.environ.get("GMNER_LLM_CACHE")
         if env:
-            return Path(env).expanduser()
+            return location(env).expanduser()
         return user_cache_dir("llm-cache.sqlite" if self.backend == "sqlite" else "llm-cache")
 
 
