@@ -32,62 +32,27 @@ from gmner_pipeline.output_lock import ObjectLock, OutputLock, RunLockedError
 from gmner_pipeline.shards import commit_shard, committed_indices, committed_shards, is_committed, marker_path, \
     read_markers, read_records, shard_path, write_records
 from gmner_pipeline.storage import ObjectPath, create_exclusive, location
-from ray_cli import VENV_BIN, free_ports, sample_ids
+from ray_cli import VENV_BIN, sample_ids
+from support.s3 import moto_bucket
 
 pytestmark = pytest.mark.integration
 moto_server = pytest.importorskip("moto.server", reason="moto[server] (the dev extra) runs the local S3 server")
 boto3 = pytest.importorskip("boto3")
 
 BUCKET = "gmner-test"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on a free port with one empty bucket; yields ``url(prefix)`` for locations in it. The fake
-    credentials go into this process's environment (restored afterwards), so the CLI subprocesses and their Ray
-    workers inherit them the way cluster nodes get theirs."""
-    port = free_ports(1)[0]
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"moto-{port}.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        deadline = time.time() + 60
-        while True:
-            try:
-                client.create_bucket(Bucket=BUCKET)
-                break
-            except Exception:  # noqa: BLE001 - not listening yet
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"moto server did not start (see {log.name})") from None
-                time.sleep(0.2)
-
-        def url(prefix: str) -> str:
-            return f"s3://{BUCKET}/{prefix}?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-
-        url.client = client  # type: ignore[attr-defined]
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def bucket():
+    """A moto S3 server on a free port with one empty bucket (support/s3.py)."""
+    with moto_bucket(BUCKET) as b:
+        yield b
 
 
-def keys(s3, prefix: str) -> list[str]:
-    pages = s3.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+@pytest.fixture(scope="module")
+def s3(bucket):
+    """``s3(prefix)``: the URL of a location in the test bucket."""
+    return bucket.url
 
 
 def rec(record_id: str) -> dict:
@@ -97,7 +62,7 @@ def rec(record_id: str) -> dict:
 # --- primitives ----------------------------------------------------------------------------------------------------
 
 
-def test_object_paths_and_the_commit_protocol(s3):
+def test_object_paths_and_the_commit_protocol(bucket, s3):
     root = location(s3("prims"))
     assert isinstance(root, ObjectPath) and root.bucket == BUCKET and root.object_key == "prims"
     assert not root.exists() and list(root.iterdir()) == []
@@ -122,7 +87,7 @@ def test_object_paths_and_the_commit_protocol(s3):
     write_records(shard_path(stage, 1), [rec("r1")])  # a writer killed before its marker
     assert committed_indices(stage) == {0} and read_markers(stage)[0]["records_in"] == 1
     assert [r["id"] for p in committed_shards(stage) for r in read_records(p)] == ["r0"]
-    assert keys(s3, "prims/stage/") == ["prims/stage/shard-00000.done.json", "prims/stage/shard-00000.parquet",
+    assert bucket.keys("prims/stage/") == ["prims/stage/shard-00000.done.json", "prims/stage/shard-00000.parquet",
                                         "prims/stage/shard-00001.parquet"]
     assert marker_path(stage, 0).read_bytes()
 
@@ -152,13 +117,13 @@ def test_exclusive_create_and_the_bucket_lock(s3):
     assert 1.0 <= time.monotonic() - t0 < 20
 
 
-def test_the_request_cache_in_a_bucket(s3):
+def test_the_request_cache_in_a_bucket(bucket, s3):
     cache = open_cache(CacheConfig(backend="files", path=s3("llm-cache")))
     assert isinstance(cache, FileCache)
     assert cache.get("ab" * 32) is None
     cache.put("ab" * 32, {"text": "answer"})
     assert cache.get("ab" * 32) == {"text": "answer"} and len(cache) == 1
-    assert keys(s3, "llm-cache/") == [f"llm-cache/ab/{'ab' * 32}.json"]
+    assert bucket.keys("llm-cache/") == [f"llm-cache/ab/{'ab' * 32}.json"]
     with pytest.raises(ValueError, match="backend=files"):
         CacheConfig(backend="sqlite", path=s3("llm-cache"))
 
@@ -194,7 +159,7 @@ def final_ids(out: str) -> Counter:
     return Counter(r["id"] for shard in committed_shards(final) for r in read_records(shard, columns=["id"]))
 
 
-def test_run_synthesize_into_a_bucket_reads_back_and_reruns_exactly_once(s3, tmp_path):
+def test_run_synthesize_into_a_bucket_reads_back_and_reruns_exactly_once(bucket, s3, tmp_path):
     out = s3("runs/sample")
     config = write_config(tmp_path, out)
     first = cli("run", "synthesize", "--config", str(config))
@@ -209,7 +174,7 @@ def test_run_synthesize_into_a_bucket_reads_back_and_reruns_exactly_once(s3, tmp
     assert sorted(read_markers(final)) == list(range(num_shards))
     assert final_ids(out) == expected
     assert summary["dataset"] and sum(summary["dataset"].values()) == sum(expected.values())
-    names = keys(s3, "runs/sample/")
+    names = bucket.keys("runs/sample/")
     assert "runs/sample/latest.json" in names and "runs/sample/config.yaml" in names
     assert not [n for n in names if ".tmp" in n] and "runs/sample/.lock" not in names
     assert any(n.startswith("runs/sample/dataset/D1/part-") for n in names)
@@ -228,7 +193,7 @@ def test_run_synthesize_into_a_bucket_reads_back_and_reruns_exactly_once(s3, tmp
     assert rerun["run_id"] != summary["run_id"]
     assert rerun["stages"]["template_cot"]["shards_processed_now"] == 0
     assert final_ids(out) == expected
-    assert len(keys(s3, "runs/sample/runs/")) == 4  # two runs, each its config.json and summary.json
+    assert len(bucket.keys("runs/sample/runs/")) == 4  # two runs, each its config.json and summary.json
 
 
 def test_a_missing_bucket_is_refused_before_anything_starts(s3, tmp_path):
@@ -249,7 +214,7 @@ def _session_processes(sid: int) -> list[psutil.Process]:
     return procs
 
 
-def test_a_driver_killed_mid_run_resumes_with_every_record_once(s3, tmp_path):
+def test_a_driver_killed_mid_run_resumes_with_every_record_once(bucket, s3, tmp_path):
     out = s3("runs/killed")
     # a slow first stage (1 s per record, one record per shard) so that the kill lands between commits
     config = write_config(tmp_path, out, pipeline=["passthrough", "template_cot"],
@@ -266,7 +231,7 @@ def test_a_driver_killed_mid_run_resumes_with_every_record_once(s3, tmp_path):
     try:
         deadline = time.time() + 180
         while time.time() < deadline:
-            done = [n for n in keys(s3, "runs/killed/passthrough/") if n.endswith(".done.json")]
+            done = [n for n in bucket.keys("runs/killed/passthrough/") if n.endswith(".done.json")]
             if len(done) >= 2:
                 break
             assert proc.poll() is None, "the run ended before it could be killed"
@@ -278,7 +243,7 @@ def test_a_driver_killed_mid_run_resumes_with_every_record_once(s3, tmp_path):
     finally:
         for orphan in _session_processes(proc.pid):  # the killed driver's local Ray processes
             orphan.kill()
-    names = keys(s3, "runs/killed/")
+    names = bucket.keys("runs/killed/")
     assert "runs/killed/latest.json" not in names and "runs/killed/.lock" in names  # killed: no summary, lock left
     done_before = len([n for n in names if n.startswith("runs/killed/passthrough/") and n.endswith(".done.json")])
     assert 2 <= done_before < len(expected)
@@ -288,4 +253,4 @@ def test_a_driver_killed_mid_run_resumes_with_every_record_once(s3, tmp_path):
     summary = latest(out)
     assert summary["stages"]["passthrough"]["shards_processed_now"] == len(expected) - done_before
     assert final_ids(out) == expected
-    assert "runs/killed/.lock" not in keys(s3, "runs/killed/")
+    assert "runs/killed/.lock" not in bucket.keys("runs/killed/")
