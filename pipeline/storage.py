@@ -76,7 +76,7 @@ class _Stat:
     st_mtime: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class ObjectPath:
     """An object-store location: ``scheme://bucket/key`` plus the connection settings of its URL's query."""
 
