@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 
 from .config import ConfigError
-from .storage import ObjectPath, is_remote, location
+from .storage import ObjectPath, exclusive_create_problem, is_remote, location
 
 # HTTP/2's client connection preface and an empty SETTINGS frame: a gRPC server (Ray's GCS, the Ray Client server)
 # answers with a frame of its own, so this tells "Ray is there" from "something else listens on that port".
@@ -45,6 +45,7 @@ def check_output_dir(output_dir: str | Path) -> None:
 
 
 def check_bucket(out: ObjectPath) -> None:
+    """The bucket exists and answers with this environment's credentials, and the lock can be taken there."""
     from pyarrow import fs as pafs
 
     try:
@@ -55,6 +56,9 @@ def check_bucket(out: ObjectPath) -> None:
             f"run.output_dir={out}: the object store did not answer ({str(exc).splitlines()[0]}). Check the "
             "credentials in this environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a role for s3://, "
             "GOOGLE_APPLICATION_CREDENTIALS for gs://) and the URL's endpoint_override/scheme/region") from None
+    problem = exclusive_create_problem(out)
+    if problem:
+        raise PreflightError(f"run.output_dir={out}: {problem}")
     if bucket.type == pafs.FileType.NotFound:
         raise PreflightError(f"run.output_dir={out}: bucket {out.bucket!r} does not exist; create it first")
     if prefix.type == pafs.FileType.File:

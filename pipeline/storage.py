@@ -253,6 +253,22 @@ def create_exclusive(path: ObjectPath, data: bytes) -> bool:
     raise ExclusiveCreateUnavailable(f"no exclusive create for {path.scheme}://")
 
 
+def exclusive_create_problem(path: ObjectPath) -> str | None:
+    """Why ``create_exclusive`` cannot work for ``path`` here (its client library is missing), or None."""
+    try:
+        if path.scheme == "s3":
+            import boto3  # noqa: F401
+        elif path.scheme == "gs":
+            from google.cloud import storage  # noqa: F401
+        else:
+            return f"no exclusive create for {path.scheme}://"
+    except ImportError:
+        extra = "s3" if path.scheme == "s3" else "gcs"
+        return (f"locking a {path.scheme}:// output folder needs "
+                f"{'boto3' if extra == 's3' else 'google-cloud-storage'} (pip install 'gmner-pipeline[{extra}]')")
+    return None
+
+
 _CLIENTS: dict[tuple[str, str], Any] = {}
 _CLIENTS_LOCK = threading.Lock()
 
