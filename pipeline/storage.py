@@ -66,6 +66,9 @@ def _filesystem(scheme: str, bucket: str, query: str) -> Any:
     """One pyarrow filesystem per bucket and settings, per process (creating an S3 client costs milliseconds)."""
     from pyarrow import fs as pafs
 
+    if scheme == "s3" and "allow_delayed_open" not in query:
+        # a small object (a marker, a shard) as ONE PutObject instead of a three-request multipart upload
+        query = "&".join(q for q in (query, "allow_delayed_open=true") if q)
     filesystem, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}" + (f"?{query}" if query else ""))
     return filesystem
 

@@ -26,6 +26,7 @@ class Bucket:
     name: str
     port: int
     client: Any  # boto3's S3 client on the server, for checks that bypass the pipeline's own code
+    log_path: str  # the server's log: one line per request (benchmarks/object_storage.py counts them)
 
     def url(self, prefix: str) -> str:
         return f"s3://{self.name}/{prefix}?endpoint_override=127.0.0.1:{self.port}&scheme=http&region=us-east-1"
@@ -62,7 +63,7 @@ def moto_bucket(name: str = "gmner-test") -> Iterator[Bucket]:
                 if proc.poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"the moto S3 server did not start (see {log.name})") from None
                 time.sleep(0.2)
-        yield Bucket(name, port, client)
+        yield Bucket(name, port, client, log.name)
     finally:
         proc.terminate()
         try:
