@@ -4,7 +4,8 @@ filesystem exactly as a cluster reaches AWS, MinIO or Ceph.
 
 What is checked here: the storage primitives and the commit protocol on objects (whole-object PUTs, the marker last,
 a failed write leaves nothing), the bucket lock (exclusive create, a second run refused, a dead run's lock taken over),
-the request cache in a bucket, and the CLI end to end: ``run synthesize`` into the bucket, ``status``/``show`` and the
+the request cache in a bucket (also through a run's workers: a second run into another folder asks nothing), and the
+CLI end to end: ``run synthesize`` into the bucket, ``status``/``show`` and the
 shard readers on it, nothing recomputed or duplicated on a rerun, and a driver killed mid-run then resumed with every
 record exactly once. What is not: real S3 or GCS (no network here), GCS at all (no emulator in this environment).
 """
@@ -253,3 +254,51 @@ def test_a_driver_killed_mid_run_resumes_with_every_record_once(bucket, s3, tmp_
     assert summary["stages"]["passthrough"]["shards_processed_now"] == len(expected) - done_before
     assert final_ids(out) == expected
     assert "runs/killed/.lock" not in bucket.keys("runs/killed/")
+
+
+ASK_PLUGIN = '''
+from gmner_pipeline.llm.request import LLMRequest
+from gmner_pipeline.stage import Stage
+
+
+class AskStage(Stage):
+    name = "ask"
+    reads = frozenset()
+    writes = frozenset({"knowledge"})
+
+    @classmethod
+    def llm_roles(cls, config):
+        return {"teacher"}
+
+    async def aprocess(self, records):
+        results = await self.llm.client("teacher").acomplete_many(
+            [LLMRequest(messages=[{"role": "user", "content": r["text"]}]) for r in records])
+        for record, res in zip(records, results):
+            record["knowledge"] = [{"entity": "x", "type": "PER", "fine_type": None, "knowledge": res.text,
+                                    "answers": [], "voted": None, "cache_key": res.cache_key}]
+        return records
+'''
+
+
+def test_the_request_cache_in_a_bucket_answers_a_second_run_through_the_workers(bucket, s3, tmp_path):
+    from gmner_pipeline.testing import FakeOpenAI
+
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "askbucket.py").write_text(ASK_PLUGIN)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(tmp_path / "probe")}
+    env.pop("RAY_ADDRESS", None)
+    with FakeOpenAI(model="fake-model") as srv:
+        for out in ("llm/a", "llm/b"):  # two output folders, one cache: the second run asks nothing
+            config = write_config(tmp_path, s3(out), pipeline=["askbucket:AskStage"],
+                                  stages={"askbucket:AskStage": {"resources": {"num_cpus": 0.5, "pool_size": 2}}},
+                                  llm={"roles": {"teacher": {"endpoints": [{"base_url": srv.base_url,
+                                                                            "model": "fake-model"}]}},
+                                       "cache": {"backend": "files", "path": s3("llm/cache")}})
+            run = subprocess.run([str(VENV_BIN / "gmner-pipeline"), "run", "synthesize", "--config", str(config)],
+                                 env=env, capture_output=True, text=True, timeout=300)
+            assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+            assert srv.calls == len(sample_ids())
+    answers = [k for k in bucket.keys("llm/cache/") if k.endswith(".json")]
+    assert len(answers) == len(set(sample_ids()))  # one object per distinct request (each tweet's text)
+    for out in ("llm/a", "llm/b"):
+        assert final_ids(s3(out)) == Counter(sample_ids())
