@@ -3,7 +3,8 @@
 Recovery: a worker process that dies is restarted by Ray and its shard retried (``max_restarts`` /
 ``max_task_retries``); when Ray gives up, the shard comes back to the scheduler as failed and the actor is replaced.
 A shard goes only to an actor that is up: an actor Ray cannot place (a pool larger than the cluster) must not hold
-shards that would wait on it forever.
+shards that would wait on it forever. A shard the scheduler's watchdog abandons (stuck, or its worker stopped) has its
+actor killed and replaced; it comes back from ``wait`` as failed with the watchdog's reason.
 """
 
 from __future__ import annotations
@@ -12,38 +13,16 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
-from .config import RunConfig
 from .plan import StagePlan
-from .scheduler import ShardOutcome, ShardTask
+from .ray_local import ray_session
+from .scheduler import ShardOutcome, ShardTask, ShardTimeout
 from .stage import StageContext
 
+__all__ = ["ActorPool", "RayExecutor", "ShardActor", "ray_session"]
+
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def ray_session(config: RunConfig) -> Iterator[Any]:
-    """Join ``run.ray_address`` (or ``RAY_ADDRESS``), or start a local Ray instance; reuse one already initialised."""
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    address = config.run.ray_address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
-    if address:
-        kwargs["address"] = address
-    else:
-        if config.run.num_cpus is not None:
-            kwargs["num_cpus"] = config.run.num_cpus
-        if config.run.object_store_memory is not None:
-            kwargs["object_store_memory"] = config.run.object_store_memory
-    ray.init(**kwargs)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 class ShardActor:
@@ -57,11 +36,10 @@ class ShardActor:
         cls = load_stage(stage_name)
         self.processor = ShardProcessor(cls, cls.Config.model_validate(config), StageContext(**context))
 
-    def process(self, index: int, in_path: str, out_dir: str) -> dict[str, Any]:
+    def run(self, task: ShardTask) -> dict[str, Any]:
         import ray
 
-        return self.processor.process(index, in_path, out_dir,
-                                      extra_stats={"node_id": ray.get_runtime_context().get_node_id()})
+        return self.processor.run(task, extra_stats={"node_id": ray.get_runtime_context().get_node_id()})
 
     def pid(self) -> int:
         return os.getpid()
@@ -135,6 +113,11 @@ class RayExecutor:
         self.restarts = restarts
         self.pools: dict[int, ActorPool] = {}
         self.running: dict[Any, _Running] = {}
+        self.abandoned: dict[Any, str] = {}  # ref -> the watchdog's reason
+
+    def prestart(self, stage: int) -> None:
+        """Start the stage's actors now (they set up while the driver still ingests)."""
+        self._pool(stage)
 
     def _pool(self, k: int) -> ActorPool:
         if k not in self.pools:
@@ -147,7 +130,7 @@ class RayExecutor:
         if slot is None:
             return False
         actor = pool.actors[slot]
-        ref = actor.process.remote(task.shard, task.in_path, task.out_dir)
+        ref = actor.run.remote(task)
         pool.load[slot] += 1
         pool.solo[slot] = task.alone
         self.running[ref] = _Running(task, slot, actor)
@@ -173,13 +156,29 @@ class RayExecutor:
             if same_actor:
                 pool.load[run.slot] = max(0, pool.load[run.slot] - 1)
                 pool.solo[run.slot] = pool.solo[run.slot] and not run.task.alone
+            reason = self.abandoned.pop(ref, None)
             try:
-                outcomes.append(ShardOutcome(run.task, stats=self.ray.get(ref)))
+                stats = self.ray.get(ref)
+                outcomes.append(ShardOutcome(run.task, stats=stats) if reason is None
+                                else ShardOutcome(run.task, error=ShardTimeout(reason)))
             except Exception as exc:  # noqa: BLE001 - every failure goes back to the scheduler, per shard
                 if isinstance(exc, self.ray.exceptions.RayActorError) and same_actor:
                     pool.replace(run.slot)
-                outcomes.append(ShardOutcome(run.task, error=exc))
+                outcomes.append(ShardOutcome(run.task, error=ShardTimeout(reason) if reason else exc))
         return outcomes
+
+    def abandon(self, task: ShardTask, reason: str) -> None:
+        """Kill the actor running ``task`` (a stopped process too: Ray ends it with SIGKILL) and start a new one in
+        its slot; the task, and any other queued on that actor, come back failed and are retried."""
+        for ref, run in self.running.items():
+            if run.task == task:
+                pool = self.pools[task.stage]
+                self.abandoned[ref] = reason
+                with contextlib.suppress(Exception):
+                    self.ray.kill(run.actor, no_restart=True)
+                if pool.actors[run.slot] is run.actor:
+                    pool.replace(run.slot)
+                return
 
     def release(self, stage: int) -> None:
         pool = self.pools.pop(stage, None)

@@ -13,19 +13,11 @@ from rich.text import Text
 
 from .summary import RunResult, stage_totals
 from .answer import format_box
-from .shards import iter_committed_tables, read_json
+from .latest import OutputNotFound, load_latest, require_stage_dirs
+from .shards import iter_committed_tables
 
-
-class OutputNotFound(FileNotFoundError):
-    pass
-
-
-def load_latest(output_dir: str | Path) -> dict[str, Any]:
-    path = Path(output_dir) / "latest.json"
-    if not path.is_file():
-        raise OutputNotFound(f"{output_dir} holds no finished run (no latest.json); run `gmner-pipeline run "
-                             f"synthesize --set run.output_dir={output_dir}` first")
-    return read_json(path)
+__all__ = ["OutputNotFound", "find_record", "load_latest", "print_record", "record_view", "status_table",
+           "summary_table"]
 
 
 def _reasons(counts: dict[str, int]) -> str:
@@ -34,6 +26,7 @@ def _reasons(counts: dict[str, int]) -> str:
 
 def status_table(output_dir: str | Path) -> Table:
     latest = load_latest(output_dir)
+    require_stage_dirs(output_dir, latest)
     table = Table(title=f"{output_dir}  (run {latest['run_id']})", title_justify="left")
     for col in ("stage", "key", "shards", "records in", "ok", "dropped", "errors", "drops by reason",
                 "errors by stage", "stage counters"):
@@ -71,6 +64,7 @@ def find_record(output_dir: str | Path, record_id: str, stage: str | None = None
     entries = [e for e in chain if e["stage"] == stage] if stage else list(reversed(chain))
     if not entries:
         raise KeyError(f"stage {stage!r} is not in the last run; stages: {[e['stage'] for e in chain]}")
+    require_stage_dirs(output_dir, latest, [e["stage"] for e in entries])
     for entry in entries:
         for path, table in iter_committed_tables(entry["dir"]):
             hit = table.filter(pc.equal(table.column("id"), record_id))

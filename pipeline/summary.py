@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .latest import relative_to_output
 from .plan import RunPlan
 from .shards import read_markers
 
@@ -22,6 +23,10 @@ class StageProgress:
     started: float | None = None
     finished: float | None = None  # when its last shard of this run came back (its rate ends there)
     failed: list[tuple[int, str]] = field(default_factory=list)
+    retried: list[tuple[int, str]] = field(default_factory=list)  # failed tries that were retried (crash, timeout)
+    healed: list[tuple[int, str]] = field(default_factory=list)  # damaged shards found and redone
+    repaired_now: int = 0  # committed shards repaired (their transient errors redone) in this run
+    records_redone: int = 0
 
     @property
     def records_per_s(self) -> float:
@@ -38,6 +43,7 @@ class RunResult:
     stages: dict[str, StageProgress]
     ingest: dict[str, Any]
     seconds: float
+    problems: list[str] = field(default_factory=list)  # why the output is not worth keeping (health.run_problems)
 
     @property
     def failed(self) -> list[tuple[str, int, str]]:
@@ -45,23 +51,30 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        """Every shard committed and the share of records in error within ``run.max_error_share``."""
+        return not self.failed and not self.problems
 
 
 def run_summary(result: RunResult) -> dict[str, Any]:
     plan = result.plan
-    chain = [{"stage": "ingest", "key": plan.ingest.key, "dir": str(plan.ingest.dir)}]
-    chain += [{"stage": s.name, "key": s.key, "dir": str(s.dir), "version": s.cls.version} for s in plan.stages]
+
+    def rel(folder: Path) -> str:  # folders inside the output folder are relative to it (latest.py)
+        return relative_to_output(plan.output_dir, folder)
+
+    chain = [{"stage": "ingest", "key": plan.ingest.key, "dir": rel(plan.ingest.dir)}]
+    chain += [{"stage": s.name, "key": s.key, "dir": rel(s.dir), "version": s.cls.version} for s in plan.stages]
     return {
         "run_id": result.run_id,
         "seconds": round(result.seconds, 3),
         "ok": result.ok,
+        "problems": result.problems,
         "chain": chain,
-        "final_dir": str(plan.final_dir),
+        "final_dir": rel(plan.final_dir),
         "ingest": result.ingest,
         "stages": {name: {"shards_total": sp.total, "shards_done": sp.done, "shards_processed_now": sp.processed_now,
                           "records_processed_now": sp.records_now, "records_per_s": round(sp.records_per_s, 2),
-                          "failed": sp.failed}
+                          "failed": sp.failed, "retried": sp.retried, "healed": sp.healed,
+                          "shards_repaired_now": sp.repaired_now, "records_redone_now": sp.records_redone}
                    for name, sp in result.stages.items()},
     }
 

@@ -55,11 +55,13 @@ def parquet_files(paths: Iterable[Path]) -> list[Path]:
     for p in paths:
         p = Path(p)
         if p.is_dir() and (p / "latest.json").is_file():
+            from ..latest import resolve_in_output
+
             try:
-                final = Path(json.loads((p / "latest.json").read_text(encoding="utf-8"))["final_dir"])
+                final = json.loads((p / "latest.json").read_text(encoding="utf-8"))["final_dir"]
             except (ValueError, KeyError) as exc:
                 raise EvalInputError(f"{p / 'latest.json'} has no final_dir ({exc}); pass a stage folder") from exc
-            p = final if final.is_absolute() or final.is_dir() else p / final
+            p = resolve_in_output(p, final)
         if p.is_dir():
             if (p / MANIFEST).is_file():
                 files += committed_shards(p)

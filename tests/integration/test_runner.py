@@ -19,6 +19,7 @@ import yaml
 from conftest import write_gmner_dataset
 from gmner_pipeline import runner
 from gmner_pipeline.config import load_config
+from gmner_pipeline.latest import load_latest
 from gmner_pipeline.shards import SHARD_GLOB, committed_indices, read_records
 
 pytestmark = pytest.mark.integration
@@ -160,7 +161,7 @@ def test_killing_the_driver_then_rerunning_gives_every_record_once(tmp_path):
 
     rerun = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    latest = json.loads((tmp_path / "out" / "latest.json").read_text())
+    latest = load_latest(tmp_path / "out")
     assert latest["stages"]["passthrough"]["shards_processed_now"] == 10 - done_before
     final = Path(latest["final_dir"])
     assert len(committed_indices(final)) == 10
