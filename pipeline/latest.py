@@ -49,10 +49,9 @@ def load_latest(output_dir: str | Path) -> dict[str, Any]:
     output_dir = Path(output_dir)
     path = output_dir / LATEST
     if not path.is_file():
-        if not output_dir.is_dir():
-            raise OutputNotFound(f"{output_dir} does not exist; give the output folder of a run (run.output_dir)")
-        raise OutputNotFound(f"{output_dir} holds no finished run (no {LATEST}); run `gmner-pipeline run "
-                             f"synthesize --set run.output_dir={output_dir}` first")
+        why = f"no {LATEST}" if output_dir.is_dir() else "the folder does not exist"
+        raise OutputNotFound(f"{output_dir} holds no finished run ({why}); run `gmner-pipeline run synthesize "
+                             f"--set run.output_dir={output_dir}` first, or give the output folder of a run")
     try:
         latest = read_json(path)
     except (OSError, ValueError) as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +42,11 @@ class ShardActor:
 
         return self.processor.run(task, extra_stats={"node_id": ray.get_runtime_context().get_node_id()})
 
-    def pid(self) -> int:
-        return os.getpid()
+    def pid(self) -> tuple[int, str]:
+        """The worker's process id and node: a stuck worker on the driver's node is ended by its pid."""
+        import ray
+
+        return os.getpid(), ray.get_runtime_context().get_node_id()
 
     def close(self) -> None:
         self.processor.close()
@@ -61,6 +65,7 @@ class ActorPool:
         self.actors: list[Any] = [None] * res.pool_size
         self.load = [0] * res.pool_size
         self.up = [False] * res.pool_size
+        self.process: list[tuple[int, str] | None] = [None] * res.pool_size  # (pid, node id) once up
         self.solo = [False] * res.pool_size  # running a retried shard, alone
         self.starting: dict[Any, int] = {}  # ref of an actor's first call -> its slot
         for slot in range(res.pool_size):
@@ -73,15 +78,19 @@ class ActorPool:
         slots = [i for i in range(len(self.actors)) if self.up[i] and not self.solo[i] and self.load[i] < limit]
         return min(slots, key=self.load.__getitem__) if slots else None
 
-    def started(self, ref: Any) -> None:
+    def started(self, ray: Any, ref: Any) -> None:
         """The actor's first call returned (or failed: then its shards fail and go through the retry path)."""
-        self.up[self.starting.pop(ref)] = True
+        slot = self.starting.pop(ref)
+        self.up[slot] = True
+        with contextlib.suppress(Exception):
+            self.process[slot] = tuple(ray.get(ref))
 
     def replace(self, slot: int) -> None:
         self.starting = {ref: s for ref, s in self.starting.items() if s != slot}
         self.actors[slot] = self._factory.remote(*self._args)
         self.load[slot] = 0
         self.up[slot] = False
+        self.process[slot] = None
         self.solo[slot] = False
         self.starting[self.actors[slot].pid.remote()] = slot
 
@@ -148,7 +157,7 @@ class RayExecutor:
         outcomes = []
         for ref in done:
             if ref in starting:
-                self.pools[starting[ref]].started(ref)
+                self.pools[starting[ref]].started(self.ray, ref)
                 continue
             run = self.running.pop(ref)
             pool = self.pools[run.task.stage]
@@ -174,9 +183,14 @@ class RayExecutor:
             if run.task == task:
                 pool = self.pools[task.stage]
                 self.abandoned[ref] = reason
+                same = pool.actors[run.slot] is run.actor
+                process = pool.process[run.slot] if same else None
+                if process is not None and process[1] == self.ray.get_runtime_context().get_node_id():
+                    with contextlib.suppress(OSError):  # Ray asks a worker to exit first: a stopped one never does
+                        os.kill(process[0], signal.SIGKILL)
                 with contextlib.suppress(Exception):
                     self.ray.kill(run.actor, no_restart=True)
-                if pool.actors[run.slot] is run.actor:
+                if same:
                     pool.replace(run.slot)
                 return
 
