@@ -219,8 +219,8 @@ def test_killing_the_driver_then_rerunning_gives_every_record_once(tmp_path, exe
             orphan.kill()
     assert left == [], [" ".join(p.cmdline())[:80] for p in left if p.is_running()]  # nothing of the run outlives it
     markers = read_markers(next(stage_root.glob("*")))
-    late = [i for i, m in markers.items() if m["committed_at"] > killed_at + 0.5]
-    assert late == []  # no worker committed after its driver was gone
+    late = {i: round(m["committed_at"] - killed_at, 2) for i, m in markers.items() if m["committed_at"] > killed_at + 1.5}
+    assert late == {}  # no worker committed after its driver was gone (1.5 s: a loaded machine's scheduling)
     done_before = len(markers)
     assert done_before < 10
 
