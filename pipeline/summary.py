@@ -79,12 +79,37 @@ def run_summary(result: RunResult) -> dict[str, Any]:
     }
 
 
+def llm_totals(markers: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per LLM role, the requests, retries, failovers, errors... of a stage's workers: each marker holds its worker's
+    running totals when it committed, so the last marker of each worker (host, pid) counts. A worker killed after
+    its last commit took its latest requests with it: these are lower bounds."""
+    last: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for m in markers:
+        key = (m.get("host"), m.get("pid"))
+        if m.get("llm") and (key not in last or m.get("finished_at", 0) >= last[key].get("finished_at", 0)):
+            last[key] = m
+    out: dict[str, dict[str, Any]] = {}
+    for m in last.values():
+        for role, stats in m["llm"].items():
+            mine = out.setdefault(role, {})
+            for k, v in stats.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    mine[k] = mine.get(k, 0) + v
+                elif isinstance(v, dict):
+                    into = mine.setdefault(k, {})
+                    for kk, vv in v.items():
+                        into[kk] = into.get(kk, 0) + vv
+    return out
+
+
 def stage_totals(stage_dir: Path) -> dict[str, Any]:
     """Sum the commit markers of a stage folder's committed shards (for status and summaries)."""
     totals: dict[str, Any] = {"shards": 0, "records_in": 0, "records_ok": 0, "records_dropped": 0,
                               "records_error": 0, "drop_reasons": {}, "errors_by_stage": {}, "counters": {},
                               "seconds": 0.0}
-    for stats in read_markers(stage_dir).values():
+    markers = read_markers(stage_dir)
+    totals["llm"] = llm_totals(list(markers.values()))
+    for stats in markers.values():
         totals["shards"] += 1
         for k in ("records_in", "records_ok", "records_dropped", "records_error"):
             totals[k] += stats.get(k, 0)

@@ -53,6 +53,7 @@ class LLMResult:
     completion_tokens: int = 0
     latency_s: float = 0.0          # wall time of this call, retries and backoff included
     attempts: int = 0               # HTTP requests sent (0 for a cache hit)
+    failovers: int = 0              # tries sent to another endpoint than the try before (a replica failed)
     cached: bool = False
     cache_key: str = ""
     error: str | None = None
