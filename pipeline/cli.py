@@ -64,7 +64,7 @@ def run_command(
     from . import runner
     from .ingest_step import EmptySplitError
     from .preflight import check_run
-    from .report import summary_table
+    from .report import run_notes, summary_table
 
     _setup_logging(verbose)
     overrides = list(set_)
@@ -119,6 +119,8 @@ def run_command(
     on_progress(result.stages)
     progress.stop()
     console.print(summary_table(result))
+    for note in run_notes(result):
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True, highlight=False)
     console.print(f"output: {result.plan.final_dir}")
     console.print(f"inspect: gmner-pipeline status {cfg.run.output_dir}   |   "
                   f"gmner-pipeline show {cfg.run.output_dir} <record id>")

@@ -16,8 +16,8 @@ from .answer import format_box
 from .latest import OutputNotFound, load_latest, require_stage_dirs
 from .shards import iter_committed_tables
 
-__all__ = ["OutputNotFound", "find_record", "load_latest", "print_record", "record_view", "status_table",
-           "summary_table"]
+__all__ = ["OutputNotFound", "find_record", "load_latest", "print_record", "record_view", "run_notes",
+           "status_table", "summary_table"]
 
 
 def _reasons(counts: dict[str, int]) -> str:
@@ -56,6 +56,19 @@ def summary_table(result: RunResult) -> Table:
                       str(t["records_ok"]), str(t["records_dropped"]), str(t["records_error"]),
                       f"{sp.records_per_s:.1f}" if sp.processed_now else "-", _reasons(t["counters"]))
     return table
+
+
+def run_notes(result: RunResult) -> list[str]:
+    """What a run did besides its work, one line each: damaged shards redone, shards retried (crashes, timeouts),
+    committed shards repaired (transient errors redone)."""
+    notes = []
+    for name, sp in result.stages.items():
+        notes += [f"{name} shard {shard} was damaged ({why}): redone" for shard, why in sp.healed]
+        notes += [f"{name} shard {shard} retried after: {why}" for shard, why in sp.retried]
+        if sp.repaired_now:
+            notes.append(f"{name}: {sp.repaired_now} committed shard(s) repaired, {sp.records_redone} record(s) "
+                         "redone (errors of kind transient, run.redo_errors)")
+    return notes
 
 
 def find_record(output_dir: str | Path, record_id: str, stage: str | None = None) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from gmner_pipeline import runner
 from gmner_pipeline.config import load_config
 from gmner_pipeline.latest import load_latest
 from gmner_pipeline.shards import SHARD_GLOB, committed_indices, read_markers, read_records
+from gmner_pipeline.testing.chaos import own_ray_workers
 
 pytestmark = pytest.mark.integration
 PLUGIN = "gmner_pipeline.stages.passthrough:PassthroughStage"  # the same stage under a second name
@@ -87,12 +88,8 @@ def test_two_stages_rerun_and_partial_recompute(tmp_path, executor):
 
 
 def _actor_workers() -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline", "name"]):
-        text = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["name"] or "")
-        if "ray::ShardActor" in text:
-            found.append(proc)
-    return found
+    """This session's stage actors (below this process): never another user's Ray workers on a shared machine."""
+    return own_ray_workers()
 
 
 def test_killing_a_worker_mid_run_loses_and_duplicates_nothing(tmp_path, ray_local):
