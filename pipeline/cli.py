@@ -1,4 +1,5 @@
-"""The ``gmner-pipeline`` command: run, status, show, view, stages (and eval, from the scoring package)."""
+"""The ``gmner-pipeline`` command: run, status, show, view, stages (eval from the scoring package; train and predict
+from the trainer)."""
 
 from __future__ import annotations
 
@@ -204,6 +205,11 @@ from .scoring.cli import eval_command, grpo_report_command  # noqa: E402 - regis
 
 app.command("eval")(eval_command)
 app.command("grpo-report")(grpo_report_command)
+
+from .train.cli import predict_command, train_app  # noqa: E402 - the trainer's commands (torch etc. load lazily)
+
+app.add_typer(train_app, name="train")
+app.command("predict")(predict_command)
 
 
 @app.command("stages")

@@ -102,8 +102,8 @@ def model_image_size(frame: FrameConfig, width: int, height: int) -> tuple[int, 
     return width, height
 
 
-def _extent(frame: FrameConfig, width: int, height: int) -> tuple[float, float]:
-    """The frame's coordinate of the image's right and bottom edges."""
+def frame_extent(frame: FrameConfig, width: int, height: int) -> tuple[float, float]:
+    """The frame's coordinate of the image's right and bottom edges (what a box in the frame is clipped to)."""
     if frame.kind == "qwen2_5_vl":
         return tuple(float(v) for v in model_image_size(frame, width, height))  # type: ignore[return-value]
     if frame.kind == "qwen2_vl":
@@ -115,7 +115,7 @@ def _extent(frame: FrameConfig, width: int, height: int) -> tuple[float, float]:
 
 def to_frame(box: Sequence[float], width: int, height: int, frame: FrameConfig = ORIGINAL) -> Box:
     """A box in original pixels -> the model's frame (rounded when ``frame.integer``)."""
-    ex, ey = _extent(frame, width, height)
+    ex, ey = frame_extent(frame, width, height)
     sx, sy = ex / width, ey / height
     x1, y1, x2, y2 = (float(v) for v in box)
     out = (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
@@ -126,7 +126,7 @@ def to_frame(box: Sequence[float], width: int, height: int, frame: FrameConfig =
 
 def from_frame(box: Sequence[float], width: int, height: int, frame: FrameConfig = ORIGINAL) -> Box:
     """A box the model wrote in its frame -> original pixels (not clipped: judging a box is the scorer's job)."""
-    ex, ey = _extent(frame, width, height)
+    ex, ey = frame_extent(frame, width, height)
     sx, sy = width / ex, height / ey
     x1, y1, x2, y2 = (float(v) for v in box)
     return (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
@@ -158,14 +158,15 @@ def prepare_image(image: "PIL.Image.Image", frame: FrameConfig) -> "PIL.Image.Im
 _BOX_LITERAL = re.compile(r"\[ ?(-?\d+(?:\.\d+)?) ?, ?(-?\d+(?:\.\d+)?) ?, ?(-?\d+(?:\.\d+)?) ?, ?(-?\d+(?:\.\d+)?) ?\]")
 
 
-def map_box_literals(text: str, mapper: Callable[[Box], Box]) -> str:
+def map_box_literals(text: str, mapper: Callable[[Box], Box | None]) -> str:
     """Rewrite every ``[x1,y1,x2,y2]`` literal in a text (a reasoning chain, an answer) through ``mapper``, written
-    back as integers. Chains are stored in original pixels; this puts their boxes into (or out of) a model's frame."""
+    back as integers; a literal for which ``mapper`` returns None stays exactly as written. Chains are stored in
+    original pixels; this puts their boxes into (or out of) a model's frame."""
 
     def sub(m: re.Match) -> str:
         box = mapper(tuple(float(v) for v in m.groups()))  # type: ignore[arg-type]
-        if not all(math.isfinite(v) for v in box):  # a number too large for a float (model output): left as written
-            return m.group(0)
+        if box is None or not all(math.isfinite(v) for v in box):  # None, or a number too large for a float
+            return m.group(0)  # (model output): left as written
         return format_box(box)
 
     return _BOX_LITERAL.sub(sub, text)

@@ -51,3 +51,49 @@ def ray_local():
                  logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+# --- the trainer's tiny random-weight policies (built offline once per session, only by tests that ask) ------------
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    pytest.importorskip("trl")
+    from support.tiny_policies import build_tiny_qwen2
+
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-policies") / "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl(tmp_path_factory) -> Path:
+    pytest.importorskip("trl")
+    from support.tiny_policies import build_tiny_qwen2_vl
+
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-policies") / "qwen2-vl")
+
+
+SFT_SMOKE = ["trainer.per_device_train_batch_size=2", "trainer.gradient_accumulation_steps=1",
+             "trainer.gradient_checkpointing=false", "trainer.logging_steps=1", "trainer.lr_scheduler_type=constant",
+             "lora.r=16", "lora.lora_alpha=32", "lora.lora_dropout=0.0"]
+
+
+@pytest.fixture(scope="session")
+def trained_sft(tmp_path_factory, tiny_qwen2):
+    """A tiny text policy LoRA-SFT'd for 16 steps on two toy D1 records (it then writes their answers verbatim),
+    with the shard bytes hashed before training. Shared by the SFT, GRPO, predict and CLI tests."""
+    import hashlib
+
+    from gmner_pipeline.train.config import load_train_config
+    from gmner_pipeline.train.sft import run_sft
+    from support.train_records import toy_record, write_stage
+
+    root = tmp_path_factory.mktemp("trained-sft")
+    records = [toy_record(0), toy_record(1)] + [toy_record(i, cot_split="D2", grpo={"keep": True}) for i in (2, 3)]
+    stage = write_stage(root / "stage", records)
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(stage.iterdir())}
+    config = load_train_config("mcr_sft", SFT_SMOKE + ["trainer.max_steps=16", "trainer.learning_rate=0.02",
+                                                       "trainer.save_strategy=steps", "trainer.save_steps=8",
+                                                       "grbp.enabled=false"],
+                               **{"model.name_or_path": str(tiny_qwen2)})
+    result = run_sft(config, [stage], root / "sft")
+    return {"root": root, "stage": stage, "records": records, "digest": digest, "result": result,
+            "output": root / "sft", "config": config}

@@ -8,7 +8,10 @@ of its first CoT chain), or JSONL files with one object per line:
 
     {"id": "<record id or sample key>", "answer": "<E2E-GMNER answer string or a whole <think>/<answer> turn>"}
     {"id": "...", "triples": [{"entity": "Obama", "type": "PER", "boxes": [[x1, y1, x2, y2]]},
-                              {"entity": "Paris", "type": "LOC", "boxes": null}]}
+                              {"entity": "Paris", "type": "LOC", "boxes": null}], "status": "ok"}
+
+(``status``, optional with ``triples``: the producer's parse verdict, ok / partial / unparsable / empty, reported as the
+parse status; ``gmner-pipeline predict`` writes it.)
 
 ``completion``, ``response`` or ``text`` are accepted in place of ``answer``. A bad line is reported and skipped.
 """
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Iterable, Literal
 
-from ..answer import Triple, gold_triples, parse_answer, triple_from_obj
+from ..answer import PARSE_STATUSES, Triple, gold_triples, parse_answer, triple_from_obj
 from ..schema import GROUNDING_ABSENT, STATUS_OK
 from .evaluate import Sample
 
@@ -171,6 +174,8 @@ def _from_object(obj: dict[str, Any], where: str, types: Collection[str] | None)
             else:
                 triples.append(t)
         status = "ok" if not errors else ("partial" if triples else "unparsable")
+        if not errors and obj.get("status") in PARSE_STATUSES:  # the producer's parse verdict (``predict`` writes it)
+            status = obj["status"]
         return Prediction(triples, status, errors)
     key = next((k for k in ANSWER_KEYS if k in obj), None)
     if key is None:
