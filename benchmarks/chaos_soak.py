@@ -22,15 +22,27 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import synthetic_gmner
-
 ASK = "gmner_pipeline.testing.stages:AskTeacherStage"
+WORDS = ["Alice", "Bob", "Paris", "Berlin", "visits", "loves", "the", "river", "museum", "game", "today", "again"]
+
+
+def distinct_source(dst: Path, n: int) -> Path:
+    """A Twitter-GMNER folder whose tweets all differ (the LLM cache must not answer them)."""
+    (dst / "txt").mkdir(parents=True, exist_ok=True)
+    (dst / "xml").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(n)
+    lines = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(5)] + [f"#{i}"]
+        lines += [f"IMGID:{i}", f"{words[0]}\tB-PER", *(f"{w}\tO" for w in words[1:]), ""]
+    (dst / "txt" / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return dst
 
 
 def config(work: Path, records: int, endpoints: list[dict], timeout_s: float, pool: int):
     from gmner_pipeline.config import load_config
 
-    data = synthetic_gmner(work / "data", records)
+    data = distinct_source(work / "data", records)
     teacher = {"endpoints": endpoints, "model_id": "smollm2-soak", "timeout_s": timeout_s, "connect_timeout_s": 1.0,
                "sampling": {"max_tokens": 4, "temperature": 0.0},
                "retry": {"max_attempts": 200, "initial_backoff_s": 0.2, "max_backoff_s": 2.0, "jitter_s": 0.2,
@@ -128,7 +140,7 @@ def main() -> None:
         print(f"run ok: {result.ok}; records {len(records)} (distinct {len(ids)}, duplicated "
               f"{sum(1 for v in ids.values() if v > 1)}, expected {args.records}); statuses "
               f"{dict(Counter(r['status'] for r in records))}")
-        print(f"requests {llm.get('requests', 0)}, retries {llm.get('retries', 0)}, failovers "
+        print(f"requests {llm.get('requests', 0)} ({llm.get('cache_hits', 0)} answered by the cache), retries {llm.get('retries', 0)}, failovers "
               f"{llm.get('failovers', 0)}, request errors {llm.get('errors', {})}; shards retried by the scheduler "
               f"{len(sp.retried)}; chaos: {dict(Counter(fault for _, fault, _ in chaos.log))}")
         print(f"wall {wall:.1f} s (chaos for {min(wall, args.chaos_seconds):.0f} s); {args.records / wall:.2f} records/s "

@@ -29,7 +29,7 @@ def status_table(output_dir: str | Path) -> Table:
     require_stage_dirs(output_dir, latest)
     table = Table(title=f"{output_dir}  (run {latest['run_id']})", title_justify="left")
     for col in ("stage", "key", "shards", "records in", "ok", "dropped", "errors", "drops by reason",
-                "errors by stage", "stage counters"):
+                "errors by stage", "stage counters", "llm"):
         table.add_column(col, overflow="fold",
                          justify="right" if col in {"shards", "records in", "ok", "dropped", "errors"} else "left")
     total_shards = latest["ingest"]["num_shards"]
@@ -37,8 +37,16 @@ def status_table(output_dir: str | Path) -> Table:
         t = stage_totals(Path(entry["dir"]))
         table.add_row(entry["stage"], entry["key"][:10], f"{t['shards']}/{total_shards}", str(t["records_in"]),
                       str(t["records_ok"]), str(t["records_dropped"]), str(t["records_error"]),
-                      _reasons(t["drop_reasons"]), _reasons(t["errors_by_stage"]), _reasons(t["counters"]))
+                      _reasons(t["drop_reasons"]), _reasons(t["errors_by_stage"]), _reasons(t["counters"]),
+                      _llm(t.get("llm") or {}))
     return table
+
+
+def _llm(totals: dict[str, dict[str, Any]]) -> str:
+    """Per role: requests, retries, failovers and failed requests of the stage's workers (summary.llm_totals)."""
+    return "; ".join(f"{role}: {t.get('requests', 0)} requests, {t.get('retries', 0)} retries, "
+                     f"{t.get('failovers', 0)} failovers, {sum((t.get('errors') or {}).values())} failed"
+                     for role, t in sorted(totals.items())) or "-"
 
 
 def summary_table(result: RunResult) -> Table:

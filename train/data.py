@@ -32,6 +32,7 @@ from ..answer import format_answer, gold_triples
 from ..frames import FrameError, frame_extent, model_image_size
 from ..publish import D2_FILTERED, DATASET_DIR
 from ..schema import GROUNDING_ABSENT, STATUS_OK
+from ..latest import resolve_in_output
 from ..shards import committed_indices, iter_committed_records, read_json, read_records
 from ..splits import D2, DatasetConfig, dataset_split, is_training_record
 from ..student import StudentPromptConfig
@@ -138,10 +139,9 @@ def resolve_sources(paths: Iterable[str | Path], splits: Iterable[str], publishe
             sources += [Source("file", f, cfg) for folder in folders for f in sorted(folder.rglob("*.parquet"))]
         elif (path / "latest.json").is_file():
             try:
-                final = Path(read_json(path / "latest.json")["final_dir"])
+                final = resolve_in_output(path, read_json(path / "latest.json")["final_dir"])
             except (OSError, ValueError, KeyError) as exc:
                 raise DataError(f"{path / 'latest.json'} names no final stage ({exc}); pass a stage folder") from exc
-            final = final if final.is_absolute() else path / final
             sources.append(Source("stage", final, _run_config(path)))
         elif committed_indices(path):
             sources.append(Source("stage", path))
