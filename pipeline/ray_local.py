@@ -4,8 +4,8 @@ A local run (no ``run.ray_address`` / ``RAY_ADDRESS``) always starts its own ins
 joins a stray cluster some earlier ``ray start`` left on the machine. It starts only what a run needs: GCS, the raylet
 (with the two agents the raylet insists on), the log monitor (worker log lines reach the driver) and the stage actors.
 Ray's dashboard, its autoscaler monitor and the idle workers Ray prestarts for the first driver are left out unless
-``run.ray_dashboard`` is set; on this 2-core machine that took ``ray.init`` from 14 s to 7 s and Ray's processes from
-760 to 480 MB (benchmarks/runner.py --startup-rounds measures it). Ray offers no public switch for the dashboard and
+``run.ray_dashboard`` is set: on a 2-core machine the default run went from 10 processes and 1.1 GB to 8 and 0.83 GB,
+and ``ray.init`` + ``ray.shutdown`` from 5.9 s to 3.3 s (README, benchmarks/runner.py --startup-rounds). Ray offers no public switch for the dashboard and
 monitor processes of a local head, so they are skipped by replacing two methods of ``ray._private.node.Node`` for the
 duration of ``ray.init`` only; on a Ray without those methods the run starts Ray's full set.
 
