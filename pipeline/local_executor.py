@@ -21,7 +21,7 @@ from collections import deque
 from .plan import StagePlan
 from .scheduler import ShardOutcome, ShardTask, ShardTimeout
 from .stage import StageContext
-from .worker import Beat, ShardProcessor
+from .worker import Beat, ShardProcessor, lock_to_check
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class LocalExecutor:
             return []
         task = self.queue.popleft()
         context = self.contexts[task.stage]
-        beat = DeadlineBeat(task, context.lock_file or None, self.shard_timeout_s, self.stall_timeout_s)
+        beat = DeadlineBeat(task, lock_to_check(context), self.shard_timeout_s, self.stall_timeout_s)
         try:
             worker = self._worker(task.stage)
             return [ShardOutcome(task, stats=worker.run(task, beat=beat))]

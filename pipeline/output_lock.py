@@ -5,7 +5,9 @@ message a second run gets). The OS drops the lock when the process dies, so a ki
 
 The same lock tells a stage worker whether its driver is still there (``driver_alive``): a worker checks it before it
 commits a shard and between batches, so a worker whose driver was killed stops instead of writing on. (Workers only
-test the lock, never hold it: a shared, non-blocking try that is released at once.)
+test the lock, never hold it: a shared, non-blocking try that is released at once.) Only workers on the driver's host
+test it: across hosts, file locks are only as good as the shared file system (an NFS mount with ``nolock`` keeps them
+local), and there Ray itself ends the workers of a dead driver's job.
 """
 
 from __future__ import annotations

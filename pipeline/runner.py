@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -71,7 +72,8 @@ def stage_contexts(plan: RunPlan, config: RunConfig, run_id: str, llm: LLMConfig
                                        for s in plan.stages])
     return [StageContext(run_id=run_id, stage_key=s.key, config_hash=config_hash, seed=config.run.seed,
                          output_dir=str(plan.output_dir), dataset=config.dataset,
-                         llm=llm if s.cls.llm_roles(s.config) else None, lock_file=lock_file)
+                         llm=llm if s.cls.llm_roles(s.config) else None, lock_file=lock_file,
+                         driver_host=socket.gethostname() if lock_file else "")
             for s in plan.stages]
 
 

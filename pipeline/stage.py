@@ -95,6 +95,7 @@ class StageContext(Strict):
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)  # the D1/D2 split (splits.dataset_split)
     llm: LLMConfig | None = None  # resolved endpoints for the stage's roles, concurrency already divided per actor
     lock_file: str = ""  # the output folder's lock the driver holds; workers commit only while it is held
+    driver_host: str = ""  # the driver's host: only workers on it test the lock (see output_lock.driver_alive)
 
 
 @dataclass

@@ -132,6 +132,15 @@ def records_to_redo(stage: str, stage_key: str, inputs: list[Record], committed:
     return redo
 
 
+def lock_to_check(context: StageContext) -> str | None:
+    """The driver's lock, for a worker on the driver's host. Elsewhere the lock may live on a file system whose locks
+    do not reach across hosts (an NFS mount with ``nolock``), where a worker would wrongly conclude its driver is gone;
+    there, Ray ends a dead driver's workers itself."""
+    if not context.lock_file or (context.driver_host and context.driver_host != socket.gethostname()):
+        return None
+    return context.lock_file
+
+
 class Beat:
     """What a worker does between batches of a shard: touch the shard's beat file (the driver's watchdog reads its
     modification time) and stop if the driver is gone. ``check()`` runs once more right before the commit."""
@@ -178,7 +187,7 @@ class ShardProcessor:
         """Process input shard ``index`` into ``out_dir`` (or repair the committed output shard, ``repair``: which
         errors to redo); returns the stats written to the commit marker."""
         t0 = time.perf_counter()
-        beat = beat or Beat(out_dir, index, self.context.lock_file or None)
+        beat = beat or Beat(out_dir, index, lock_to_check(self.context))
         beat.check()
         beat.start()
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -133,3 +134,12 @@ def _group_alive(pgid: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_only_workers_on_the_drivers_host_test_its_lock():
+    from gmner_pipeline.worker import lock_to_check
+
+    here = StageContext(lock_file="/out/.lock", driver_host=socket.gethostname())
+    assert lock_to_check(here) == "/out/.lock"
+    assert lock_to_check(StageContext(lock_file="/out/.lock", driver_host="another-node")) is None
+    assert lock_to_check(StageContext()) is None  # run_stage and plain tests: nothing to check
