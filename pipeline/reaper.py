@@ -58,9 +58,28 @@ def follow(tracked: dict[int, str]) -> None:
                 todo.append(child)
 
 
+def workers_of(raylets: set[int]) -> dict[int, str]:
+    """Processes whose environment names one of ``raylets`` as their raylet (``RAY_RAYLET_PID``): Ray workers forked
+    after the last look at the tree (their raylet may already be gone, so they are no one's children any more)."""
+    wanted = {f"RAY_RAYLET_PID={pid}".encode() for pid in raylets}
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if wanted.intersection(env) and (started := start_time(int(entry))) is not None:
+            found[int(entry)] = started
+    return found
+
+
 def reap(tracked: dict[int, str]) -> int:
-    """SIGKILL every tracked process that is still the same process; returns how many were killed."""
+    """SIGKILL every tracked process that is still the same process, and the Ray workers of tracked raylets; returns
+    how many were killed."""
     follow(tracked)
+    tracked.update(workers_of(set(tracked)))
     killed = 0
     for pid, started in tracked.items():
         if pid != os.getpid() and start_time(pid) == started:
