@@ -137,6 +137,7 @@ class ShardBook:
         self.pending = [num_shards - self.progress[s.name].done for s in self.stages]
         for k, shard in self.repairs | self.expect_repair:
             self.pending[k] += 1
+        self.tables.input_will_change()
         for k in range(len(self.stages)):
             self.tables.input_grew(k)
 
@@ -250,6 +251,7 @@ class ShardBook:
             self.expect_repair.discard((nxt, shard))
             self.repairs.add((nxt, shard))
             self._arrive(nxt, shard)
+            self.tables.input_grew(nxt)
             return
         while nxt < len(self.stages) and shard in self.committed[nxt]:
             nxt += 1  # already done downstream (e.g. an interrupted earlier run got further)
@@ -269,7 +271,9 @@ class ShardBook:
         log.error("%s shard %d failed %d times, giving up for this run: %s", name, shard, n, error)
         repair = (k, shard) in self.repairs
         self.give_up(k, shard, error)  # it can never reach the later stages in this run
-        if not repair:  # a failed repair keeps its committed shard: a keyed stage after it still has its input
+        if repair:  # a failed repair keeps its committed shard: a keyed stage after it still has its whole input
+            self.tables.input_grew(k + 1)
+        else:
             self.tables.upstream_failed(k, shard)
         return False
 

@@ -101,7 +101,17 @@ class KeyedTables:
         return table.ref if table else None
 
     def _input_complete(self, k: int) -> bool:
-        return k == 0 or all(i in self.book.committed[k - 1] for i in range(self.book.num_shards))
+        """Every input shard of stage ``k`` is committed and none is still to be repaired in this run."""
+        book = self.book
+        return k == 0 or (all(i in book.committed[k - 1] for i in range(book.num_shards))
+                          and not any(j == k - 1 for j, _ in book.repairs | book.expect_repair))
+
+    def input_will_change(self) -> None:
+        """After the run is planned: a complete keyed stage whose input is about to be repaired waits for those repairs
+        (its shards' repairs are held), then its table is rebuilt from the repaired input (``TableBook.start``)."""
+        for k, table in self.tables.items():
+            if table.phase == "done" and not self._input_complete(k):
+                table.phase = "waiting"
 
     def _check(self, k: int) -> None:
         """Before the run: a keyed stage's outputs are valid only with the table built from its current input. When

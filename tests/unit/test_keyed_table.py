@@ -374,3 +374,48 @@ def test_a_keyed_stage_runs_under_the_local_executor_end_to_end(tmp_path):
     BUILT.clear()
     again = run(config)  # a rerun computes nothing
     assert again.ok and BUILT == [] and again.stages[KEYED].processed_now == 0
+
+
+FLAKY_UP: set[int] = set()  # tweet numbers FlakyUpstream fails transiently
+FLAKY_UPSTREAM = "test_keyed_table:FlakyUpstream"
+
+
+class FlakyUpstream(Stage):
+    """A stage before a keyed one whose records in ``FLAKY_UP`` fail transiently (an endpoint down)."""
+
+    name = "flaky_upstream"
+    reads = frozenset()
+    writes = frozenset()
+
+    def process(self, records):
+        from gmner_pipeline.stage import mark_error
+
+        return [mark_error(r, self.name, "endpoint down", transient=True)
+                if int(r["id"].rsplit("/", 1)[1]) - 2000 in FLAKY_UP else r for r in records]
+
+
+def test_an_input_repaired_upstream_rebuilds_the_table_before_the_keyed_repairs(tmp_path):
+    FLAKY_UP.clear()
+    FLAKY_UP.update(i for i in range(23) if i % 7 == 3)  # the only tweets that mention E3
+    try:
+        plan, ctx, n = plan_for(tmp_path, "out", units=3, pipeline=(FLAKY_UPSTREAM, KEYED))
+        execute(plan, ctx, n)
+    finally:
+        FLAKY_UP.clear()
+    first = knowledge_by_id(plan)
+    assert "E3" not in BUILT and sum(1 for r in iter_committed_records(plan.stages[-1].dir)
+                                     if r["status"] == "error") == 3
+    progress, ex = execute(plan, ctx, n)  # the endpoint is back: upstream repairs, then the keyed stage's
+    assert not any(p.failed for p in progress.values())
+    assert progress[FLAKY_UPSTREAM].repaired_now == 3 and progress[KEYED].repaired_now == 3
+    assert "E3" in BUILT  # the table was rebuilt from the repaired input
+    last_upstream = max(i for i, r in enumerate(ex.ran) if r[:2] == ("shard", 0))
+    first_unit = min(i for i, r in enumerate(ex.ran) if r[0] == "unit")
+    first_keyed = min(i for i, r in enumerate(ex.ran) if r[:2] == ("shard", 1))
+    assert last_upstream < first_unit < first_keyed  # repairs upstream, then the table, then the keyed repairs
+    after = {r["id"]: r for r in iter_committed_records(plan.stages[-1].dir)}
+    assert all(r["status"] == "ok" for r in after.values())
+    assert after["twitter-gmner-v2/train/2010"]["knowledge"][0]["entity"] == "E3"
+    assert {i: k for i, k in knowledge_by_id(plan).items() if first[i]} == {i: k for i, k in first.items() if k}
+    progress, ex = execute(plan, ctx, n)
+    assert ex.ran == []  # nothing left to do
