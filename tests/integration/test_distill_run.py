@@ -94,6 +94,7 @@ def test_run_synthesize_with_template_llm_and_mllm_styles(tmp_path, ray_local):
             FakeOpenAI("vl-teacher", reply_fn=copying_teacher) as vl:
         items = ["pipeline=[distill]", f"run.output_dir={out}", "source.limit=4",
                  "stages.distill.styles=[template, llm, mllm]",
+                 "stages.distill.llm.routes=[question_answer, few_conclusions]",  # the default run's fast setting: one
                  f"llm.roles.teacher.endpoints=[{{base_url: '{text.base_url}', model: text-teacher}}]",
                  f"llm.roles.vlm_teacher.endpoints=[{{base_url: '{vl.base_url}', model: vl-teacher}}]",
                  "llm.roles.vlm_teacher.frame={kind: qwen2_5_vl}", f"llm.cache.path={tmp_path / 'cache.sqlite'}"]

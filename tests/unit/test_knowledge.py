@@ -496,5 +496,5 @@ def test_the_bundled_knowledge_configs_load_and_plan(tmp_path, monkeypatch):
         plan = plan_run(cfg)
         assert plan.stages[0].cls is KnowledgeStage and len(KnowledgeStage.llm_roles(cfg.stages["knowledge"])) >= 4
     sample = load_config("sample", [f"run.output_dir={tmp_path / 's'}"])
-    assert stages_for_command(sample, "knowledge") == ["knowledge"]  # `run knowledge` on the default sample
+    assert stages_for_command(sample, "knowledge") == ["annotate", "knowledge"]  # `run knowledge` on the default
     assert sample.stages["knowledge"].max_aspects  # with the fast settings
