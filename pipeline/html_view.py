@@ -13,7 +13,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from .answer import format_box
-from .report import load_latest
+from .latest import load_latest, require_stage_dirs
 from .summary import stage_totals
 from .shards import iter_committed_records
 from .storage import location
@@ -119,6 +119,7 @@ def render_html(output_dir: str | Path, limit: int = 50, stage: str | None = Non
     entry = next((c for c in chain if c["stage"] == stage), None) if stage else chain[-1]
     if entry is None:
         raise KeyError(f"stage {stage!r} is not in the last run; stages: {[c['stage'] for c in chain]}")
+    require_stage_dirs(output_dir, latest)
     counts = []
     for c in chain:
         t = stage_totals(location(c["dir"]))

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
+from rich import box
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
@@ -13,20 +14,12 @@ from rich.text import Text
 
 from .summary import RunResult, stage_totals
 from .answer import format_box
-from .shards import iter_committed_tables, read_json
+from .latest import OutputNotFound, load_latest, require_stage_dirs
+from .shards import iter_committed_tables
 from .storage import location
 
-
-class OutputNotFound(FileNotFoundError):
-    pass
-
-
-def load_latest(output_dir: str | Path) -> dict[str, Any]:
-    path = location(output_dir) / "latest.json"
-    if not path.is_file():
-        raise OutputNotFound(f"{output_dir} holds no finished run (no latest.json); run `gmner-pipeline run "
-                             f"synthesize --set run.output_dir={output_dir}` first")
-    return read_json(path)
+__all__ = ["OutputNotFound", "find_record", "load_latest", "print_record", "record_view", "run_notes",
+           "status_table", "summary_table"]
 
 
 def _reasons(counts: dict[str, int]) -> Text:
@@ -37,9 +30,10 @@ def _reasons(counts: dict[str, int]) -> Text:
 
 def status_table(output_dir: str | Path) -> Table:
     latest = load_latest(output_dir)
+    require_stage_dirs(output_dir, latest)
     table = Table(title=f"{output_dir}  (run {latest['run_id']})", title_justify="left")
     for col in ("stage", "key", "shards", "records in", "ok", "dropped", "errors", "drops by reason",
-                "errors by stage", "stage counters"):
+                "errors by stage", "stage counters", "llm"):
         table.add_column(col, overflow="fold",
                          justify="right" if col in {"shards", "records in", "ok", "dropped", "errors"} else "left")
     total_shards = latest["ingest"]["num_shards"]
@@ -47,25 +41,62 @@ def status_table(output_dir: str | Path) -> Table:
         t = stage_totals(location(entry["dir"]))
         table.add_row(entry["stage"], entry["key"][:10], f"{t['shards']}/{total_shards}", str(t["records_in"]),
                       str(t["records_ok"]), str(t["records_dropped"]), str(t["records_error"]),
-                      _reasons(t["drop_reasons"]), _reasons(t["errors_by_stage"]), _reasons(t["counters"]))
+                      _reasons(t["drop_reasons"]), _reasons(t["errors_by_stage"]), _reasons(t["counters"]),
+                      _llm(t.get("llm") or {}))
     return table
 
 
-def summary_table(result: RunResult) -> Table:
-    table = Table(title=f"run {result.run_id}: {result.seconds:.1f} s", title_justify="left")
-    for col in ("stage", "shards done", "reused", "records in", "ok", "dropped", "errors", "records/s",
-                "stage counters"):
-        table.add_column(col, overflow="fold", justify="left" if col == "stage" else "right")
+def _llm(totals: dict[str, dict[str, Any]]) -> str:
+    """Per role: requests, retries, failovers and failed requests of the stage's workers (summary.llm_totals)."""
+    return "; ".join(f"{role}: {t.get('requests', 0)} requests, {t.get('retries', 0)} retries, "
+                     f"{t.get('failovers', 0)} failovers, {sum((t.get('errors') or {}).values())} failed"
+                     for role, t in sorted(totals.items())) or "-"
+
+
+def summary_table(result: RunResult) -> Group:
+    """The end-of-run summary: one narrow row of numbers per stage (it fits 80 columns, the width of a CI log), then a
+    line per stage with its drops and errors by reason and its counters, which would be unreadable folded into a cell.
+    ``s`` is the stage's worker time summed over its shards (what it cost, reused shards included); ``calls`` and
+    ``tokens`` are its LLM requests and their prompt + completion tokens."""
+    table = Table(title=f"run {result.run_id}: {result.seconds:.1f} s", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False, collapse_padding=True)
+    for col in ("stage", "shards", "reused", "in", "ok", "drop", "err", "rec/s", "s", "calls", "tokens"):
+        table.add_column(col, no_wrap=True, justify="left" if col == "stage" else "right")
     ing = result.ingest
     table.add_row("ingest", f"{ing['num_shards']}/{ing['num_shards']}", "", str(ing["records_in"]),
-                  str(ing["records_ok"]), "0", str(ing["records_error"]), "", "")
+                  str(ing["records_ok"]), "0", str(ing["records_error"]), "", "", "", "")
+    details = []
     for s in result.plan.stages:
         sp = result.stages[s.name]
         t = stage_totals(s.dir)
+        llm = t.get("llm") or {}
+        calls = sum(r.get("requests", 0) for r in llm.values())
+        tokens = sum(r.get("prompt_tokens", 0) + r.get("completion_tokens", 0) for r in llm.values())
         table.add_row(s.name, f"{sp.done}/{sp.total}", str(sp.done - sp.processed_now), str(t["records_in"]),
                       str(t["records_ok"]), str(t["records_dropped"]), str(t["records_error"]),
-                      f"{sp.records_per_s:.1f}" if sp.processed_now else "-", _reasons(t["counters"]))
-    return table
+                      f"{sp.records_per_s:.1f}" if sp.processed_now else "-", f"{t['seconds']:.1f}",
+                      f"{calls:,}" if llm else "", f"{tokens:,}" if llm else "")
+        parts = [(label, t[group]) for label, group in (("drops", "drop_reasons"), ("errors", "errors_by_stage"),
+                                                         ("counters", "counters")) if t[group]]
+        if parts:
+            line = Text(f"{s.name}: ", style="bold")
+            line.append(" | ".join(f"{label} " + ", ".join(f"{k} {v}" for k, v in sorted(
+                counts.items(), key=lambda kv: (-kv[1], kv[0]))) for label, counts in parts))
+            details.append(line)
+    return Group(table, *details)
+
+
+def run_notes(result: RunResult) -> list[str]:
+    """What a run did besides its work, one line each: damaged shards redone, shards retried (crashes, timeouts),
+    committed shards repaired (transient errors redone)."""
+    notes = []
+    for name, sp in result.stages.items():
+        notes += [f"{name} shard {shard} was damaged ({why}): redone" for shard, why in sp.healed]
+        notes += [f"{name} shard {shard} retried after: {why}" for shard, why in sp.retried]
+        if sp.repaired_now:
+            notes.append(f"{name}: {sp.repaired_now} committed shard(s) repaired, {sp.records_redone} record(s) "
+                         "redone (errors of kind transient, run.redo_errors)")
+    return notes
 
 
 def find_record(output_dir: str | Path, record_id: str, stage: str | None = None) -> dict[str, Any]:
@@ -74,6 +105,7 @@ def find_record(output_dir: str | Path, record_id: str, stage: str | None = None
     entries = [e for e in chain if e["stage"] == stage] if stage else list(reversed(chain))
     if not entries:
         raise KeyError(f"stage {stage!r} is not in the last run; stages: {[e['stage'] for e in chain]}")
+    require_stage_dirs(output_dir, latest, [e["stage"] for e in entries])
     for entry in entries:
         for path, table in iter_committed_tables(entry["dir"]):
             hit = table.filter(pc.equal(table.column("id"), record_id))

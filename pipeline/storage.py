@@ -75,8 +75,12 @@ def _filesystem(scheme: str, bucket: str, query: str) -> Any:
 
 @dataclass(frozen=True)
 class _Stat:
+    """What ``os.stat`` callers here read: size and modification time (an object has no inode: 0)."""
+
     st_size: int
     st_mtime: float
+    st_mtime_ns: int
+    st_ino: int = 0
 
 
 @dataclass(frozen=True, order=True)
@@ -182,8 +186,8 @@ class ObjectPath:
         info = self._info()
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(str(self))
-        mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
-        return _Stat(int(info.size or 0), mtime)
+        mtime_ns = info.mtime_ns or 0
+        return _Stat(int(info.size or 0), mtime_ns / 1e9, mtime_ns)
 
     def iterdir(self) -> Iterator["ObjectPath"]:
         """The objects and prefixes directly under this one (one LIST request per 1,000)."""
@@ -228,6 +232,10 @@ class ObjectPath:
 
     def write_text(self, text: str, encoding: str = "utf-8") -> int:
         return self.write_bytes(text.encode(encoding))
+
+    def touch(self, exist_ok: bool = True) -> None:
+        """A new modification time: the object written again, empty (a worker's beat, ``worker.Beat``)."""
+        self.write_bytes(b"")
 
     def unlink(self, missing_ok: bool = False) -> None:
         try:

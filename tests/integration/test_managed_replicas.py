@@ -7,7 +7,6 @@ exactly once and no failed request, and no server process may outlive it."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 import yaml
 
 from conftest import write_gmner_dataset
+from gmner_pipeline.latest import load_latest
 from gmner_pipeline.shards import iter_committed_records, read_markers
 
 pytestmark = pytest.mark.integration
@@ -159,7 +159,7 @@ def test_managed_replicas_survive_a_killed_server_and_a_killed_actor(tmp_path, m
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr[-4000:]
 
-        final = Path(json.loads((tmp_path / "out" / "latest.json").read_text())["final_dir"])
+        final = Path(load_latest(tmp_path / "out")["final_dir"])  # folders in latest.json are relative to the output
         records = list(iter_committed_records(final))
         assert sorted(r["id"] for r in records) == sorted({r["id"] for r in records}) and len(records) == 24
         assert all(r["status"] == "ok" and r["knowledge"][0]["knowledge"] is not None for r in records)

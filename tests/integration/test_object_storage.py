@@ -5,9 +5,9 @@ filesystem exactly as a cluster reaches AWS, MinIO or Ceph.
 What is checked here: the storage primitives and the commit protocol on objects (whole-object PUTs, the marker last,
 a failed write leaves nothing), the bucket lock (exclusive create, a second run refused, a dead run's lock taken over),
 the request cache in a bucket (also through a run's workers: a second run into another folder asks nothing), and the
-CLI end to end: ``run synthesize`` into the bucket, ``status``/``show`` and the
-shard readers on it, nothing recomputed or duplicated on a rerun, and a driver killed mid-run then resumed with every
-record exactly once. What is not: real S3 or GCS (no network here), GCS at all (no emulator in this environment).
+CLI end to end: ``run synthesize`` into the bucket, ``status``/``show`` and the shard readers on it, nothing
+recomputed or duplicated on a rerun, and a driver killed mid-run then resumed with every record exactly once. What is
+not: real S3 or GCS (no network here), GCS at all (no emulator in this environment).
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ import pytest
 import yaml
 
 from gmner_pipeline.atomic import atomic_open
+from gmner_pipeline.latest import load_latest
 from gmner_pipeline.llm.cache import FileCache, open_cache
 from gmner_pipeline.llm.config import CacheConfig
 from gmner_pipeline.schema import empty_record
 from gmner_pipeline.output_lock import ObjectLock, OutputLock, RunLockedError
-from gmner_pipeline.shards import commit_shard, committed_indices, committed_shards, is_committed, marker_path, \
-    read_markers, read_records, shard_path, write_records
+from gmner_pipeline.shards import check_shard, commit_shard, committed_indices, committed_shards, is_committed, \
+    marker_path, read_markers, read_records, shard_path, shard_problem, write_records
 from gmner_pipeline.storage import ObjectPath, create_exclusive, location
 from ray_cli import VENV_BIN, sample_ids
 from support.s3 import moto_bucket
@@ -91,6 +92,12 @@ def test_object_paths_and_the_commit_protocol(bucket, s3):
                                         "prims/stage/shard-00001.parquet"]
     assert marker_path(stage, 0).read_bytes()
 
+    # the marker records the object's size and row count, checked through the store: a replaced object is damaged
+    marker, problem = check_shard(stage, 0)
+    assert problem is None and marker["file"] == {"bytes": shard_path(stage, 0).stat().st_size, "rows": 1}
+    write_records(shard_path(stage, 0), [rec("r0"), rec("r0-again")])
+    assert "bytes" in shard_problem(stage, 0) and committed_indices(stage) == set()
+
 
 def test_exclusive_create_and_the_bucket_lock(s3):
     lock_obj = location(s3("locks/excl"))
@@ -150,7 +157,8 @@ def write_config(tmp_path: Path, out: str, **extra) -> Path:
 
 
 def latest(out: str) -> dict:
-    return json.loads((location(out) / "latest.json").read_text())
+    """The run summary with its folders resolved (they are written relative to the output folder)."""
+    return load_latest(out)
 
 
 def final_ids(out: str) -> Counter:
@@ -194,6 +202,18 @@ def test_run_synthesize_into_a_bucket_reads_back_and_reruns_exactly_once(bucket,
     assert rerun["stages"]["template_cot"]["shards_processed_now"] == 0
     assert final_ids(out) == expected
     assert len(bucket.keys("runs/sample/runs/")) == 4  # two runs, each its config.json and summary.json
+
+    # the summary names its folders relative to the output (no endpoint in it)
+    raw = json.loads((location(out) / "latest.json").read_text())
+    assert raw["final_dir"] == "template_cot/" + location(rerun["final_dir"]).name
+
+    # a shard object damaged after its commit (replaced by a shorter one) is found and redone by the next run
+    damaged = committed_shards(location(rerun["final_dir"]))[1]
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    healed = cli("run", "synthesize", "--config", str(config))
+    assert healed.returncode == 0, (healed.stdout + healed.stderr)[-4000:]
+    assert latest(out)["stages"]["template_cot"]["shards_processed_now"] == 1
+    assert final_ids(out) == expected
 
 
 def test_a_missing_bucket_is_refused_before_anything_starts(s3, tmp_path):
