@@ -18,9 +18,24 @@ from .config import ConfigError, load_config
 from .plan import stages_for_command
 from .stage import StageSetupError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Distributed data synthesis for Grounded Multimodal NER.")
+app = typer.Typer(no_args_is_help=True, help="Distributed data synthesis for Grounded Multimodal NER.")
 console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"gmner-pipeline {version('gmner-pipeline')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the installed version and exit."),
+) -> None:
+    """Distributed data synthesis for Grounded Multimodal NER: run the pipeline, look at its output, export it."""
 
 
 def _stdout() -> Console:
@@ -54,7 +69,8 @@ def run_command(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a "
                                           "local Ray instance)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder (same as --set run.output_dir)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level (the stages' and the LLM "
+                                 "client's details)."),
 ) -> None:
     """Run the pipeline (or part of it). Reruns skip every shard that is already committed."""
     from . import runner
@@ -160,17 +176,44 @@ def status_command(output_dir: Path = typer.Argument(..., help="The run's output
 @app.command("show")
 def show_command(
     output_dir: Path = typer.Argument(..., help="The run's output folder."),
-    record_id: str = typer.Argument(..., help="Record id, e.g. twitter-gmner-v2/train/71044."),
+    record_id: str = typer.Argument(..., help="Record id, e.g. gmner-sample/train/astronaut (`gmner-pipeline ids` "
+                                    "lists them)."),
     stage: Optional[str] = typer.Option(None, help="Show the record as that stage wrote it (default: the last)."),
 ) -> None:
     """Print one record, readable: text, entities and boxes, every stage's results, lineage."""
-    from .report import OutputNotFound, find_record, print_record
+    from .report import OutputNotFound, RecordNotFound, StageNotInRun, find_record, print_record
 
     try:
         rec = find_record(output_dir, record_id, stage)
-    except (OutputNotFound, KeyError) as exc:
-        _fail(str(exc).strip("'\""))
+    except (OutputNotFound, RecordNotFound, StageNotInRun) as exc:
+        _fail(str(exc))
     print_record(rec, _stdout())
+
+
+@app.command("ids")
+def ids_command(
+    output_dir: Path = typer.Argument(..., help="The run's output folder."),
+    stage: Optional[str] = typer.Option(None, help="Ids as that stage wrote them (default: the last)."),
+    status: Optional[str] = typer.Option(None, help="Only records with this status: ok, dropped or error."),
+    limit: int = typer.Option(20, min=0, help="How many ids to print (0: all)."),
+    long: bool = typer.Option(False, "--long", "-l", help="Also print each record's status, drop reason or error "
+                              "stage, and its text."),
+) -> None:
+    """List record ids (for `gmner-pipeline show`), with their status."""
+    from .report import OutputNotFound, StageNotInRun, list_ids
+
+    try:
+        rows, total = list_ids(output_dir, stage, status, limit or None)
+    except (OutputNotFound, StageNotInRun, ValueError) as exc:
+        _fail(str(exc))
+    for row in rows:
+        if long:
+            why = row["drop_reason"] or row["error_stage"] or ""
+            typer.echo(f"{row['id']}\t{row['status']}\t{why}\t{(row['text'] or '')[:80]}")
+        else:
+            typer.echo(row["id"])
+    if total > len(rows):
+        console.print(f"{len(rows)} of {total} ids; --limit 0 lists all")
 
 
 @app.command("view")

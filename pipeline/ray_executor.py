@@ -32,18 +32,49 @@ def ray_session(config: RunConfig) -> Iterator[Any]:
         return
     address = config.run.ray_address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
-    if address:
-        kwargs["address"] = address
-    else:
-        if config.run.num_cpus is not None:
-            kwargs["num_cpus"] = config.run.num_cpus
-        if config.run.object_store_memory is not None:
-            kwargs["object_store_memory"] = config.run.object_store_memory
-    ray.init(**kwargs)
+    with contextlib.ExitStack() as stack:
+        if address:
+            kwargs["address"] = address
+        else:
+            if config.run.num_cpus is not None:
+                kwargs["num_cpus"] = config.run.num_cpus
+            if config.run.object_store_memory is not None:
+                kwargs["object_store_memory"] = config.run.object_store_memory
+            stack.enter_context(local_auth_mode())
+        ray.init(**kwargs)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def local_auth_mode() -> Iterator[None]:
+    """Quiet Ray's notice that token authentication is on, for a local instance the run starts itself.
+
+    Since Ray 2.59 a new local ``ray.init()`` turns token authentication on when ``RAY_AUTH_MODE`` is unset (a token
+    is generated once into ``~/.ray/auth_token``) and says so in a warning on every run. That is the protection we
+    want: the instance listens on the node's address, and without a token anyone who reaches it can run code, so we
+    keep it (``RAY_AUTH_MODE=disabled`` would silence the notice by removing the protection) and drop just that one
+    notice. Setting ``RAY_AUTH_MODE=token`` ourselves does not work once Ray is imported (its native config has read
+    the variable already). Ray's warning that authentication is *off* is never filtered.
+    """
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    quiet = _DropMessage("Token authentication is enabled for this Ray cluster")
+    logger.addFilter(quiet)
     try:
-        yield ray
+        yield
     finally:
-        ray.shutdown()
+        logger.removeFilter(quiet)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 class ShardActor:
