@@ -235,6 +235,23 @@ def view_command(
     console.print(f"wrote {path}")
 
 
+@app.command("card")
+def card_command(output_dir: Path = typer.Argument(..., help="The run's output folder.")) -> None:
+    """Write the dataset card again: <out>/README.md (a Hugging Face card: `datasets.load_dataset(<out>)` returns
+    D1, D2 and D2_filtered) and its plots under <out>/card/, e.g. after setting card.prices in <out>/config.yaml."""
+    import time
+
+    from .card import write_card
+    from .report import OutputNotFound
+
+    t0 = time.perf_counter()
+    try:
+        path = write_card(output_dir)
+    except OutputNotFound as exc:
+        _fail(str(exc))
+    console.print(f"wrote {path} ({time.perf_counter() - t0:.1f} s)")
+
+
 from .scoring.cli import eval_command, grpo_report_command  # noqa: E402 - registered below, after the core commands
 
 app.command("eval")(eval_command)

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from .card.config import CardConfig
 from .config_errors import SectionInvalid, did_you_mean, explain
 from .configbase import ConfigError, Strict
 from .llm.config import LLMConfig
@@ -129,6 +130,8 @@ class RunConfig(Strict):
     stages: dict[str, Any] = Field(default_factory=dict, description="one section per stage, validated by the stage")
     llm: LLMConfig = Field(default_factory=LLMConfig, description="LLM endpoints per role (see docs/llm.md)")
     dataset: DatasetConfig = Field(default_factory=DatasetConfig, description="the D1 (SFT) / D2 (GRPO) split")
+    card: CardConfig = Field(default_factory=CardConfig, description="the dataset card <output>/README.md: title, "
+                             "licence, plots, prices per LLM role")
 
     @field_validator("pipeline")
     @classmethod
