@@ -252,6 +252,41 @@ def card_command(output_dir: Path = typer.Argument(..., help="The run's output f
     console.print(f"wrote {path} ({time.perf_counter() - t0:.1f} s)")
 
 
+@app.command("export")
+def export_command(
+    output_dir: Path = typer.Argument(..., help="The run's output folder (its published dataset/<split>)."),
+    split: str = typer.Option("D1", "--split", help="D1, D2 or D2_filtered."),
+    fmt: str = typer.Option(..., "--format", "-f", help="swift (ms-swift JSONL), sharegpt (LLaMA-Factory), hf "
+                            "(Parquet with embedded images) or jsonl."),
+    to: Path = typer.Option(..., "--to", help="The folder to write into."),
+    images: str = typer.Option("relative", "--images", help="relative | absolute | copy (into <to>/images/); hf "
+                               "embeds the images."),
+    frame: str = typer.Option("original", "--frame", help="The coordinate frame of every box: original (pixels), "
+                              "qwen2_5_vl (pixels of the smart-resized image) or qwen2_vl (0-1000)."),
+    text_only: bool = typer.Option(False, "--text-only", help="No image in the prompt (the detector's boxes and the "
+                                   "knowledge go in as text)."),
+    chains: str = typer.Option("all", "--chains", help="all: one example per consistent chain; first: one per "
+                               "record."),
+) -> None:
+    """Export a published split for another trainer: the user turn from the student prompt builder, the assistant
+    turn from the record's chains. Dev and test records are never exported."""
+    from .export import ExportError, ExportRefused, export_split
+
+    choices = {"--images": (images, ("relative", "absolute", "copy")), "--chains": (chains, ("all", "first")),
+               "--frame": (frame, ("original", "qwen2_5_vl", "qwen2_vl"))}
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            _fail(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
+    try:
+        stats = export_split(output_dir, split, fmt, to, images=images, frame=frame,  # type: ignore[arg-type]
+                             text_only=text_only, chains=chains)  # type: ignore[arg-type]
+    except (ExportError, ExportRefused) as exc:
+        _fail(str(exc))
+    skipped = ", ".join(f"{k} {v}" for k, v in stats.skipped.items())
+    console.print(f"{split}: {stats.examples} examples from {stats.records} records -> {to}"
+                  + (f" (skipped: {skipped}; first: {stats.errors[0]})" if skipped else ""))
+
+
 from .scoring.cli import eval_command, grpo_report_command  # noqa: E402 - registered below, after the core commands
 
 app.command("eval")(eval_command)
