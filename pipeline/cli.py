@@ -219,20 +219,22 @@ def ids_command(
 @app.command("view")
 def view_command(
     output_dir: Path = typer.Argument(..., help="The run's output folder."),
-    html_path: Optional[Path] = typer.Option(None, "--html",
-                                             help="Where to write the page (default: <out>/view.html)."),
-    limit: int = typer.Option(50, help="How many records to show."),
+    html_path: Optional[Path] = typer.Option(None, "--html", help="Where to write the page (default: "
+                                             "<out>/view/index.html; its files go beside it in <page>_files/)."),
+    limit: int = typer.Option(0, min=0, help="Only the first N records (0: all)."),
     stage: Optional[str] = typer.Option(None, help="Show records as that stage wrote them (default: the last)."),
 ) -> None:
-    """Write an HTML page: per-stage counts and records with their image, gold and detector boxes, and chains."""
-    from .html_view import write_html
-    from .report import OutputNotFound
+    """Write an HTML page of every record, paged and filterable (status, drop reason, chain style, teacher, GRPO
+    keep/drop), each with its image, gold and detector boxes, knowledge, chains and rewards. Open it in a browser."""
+    from .report import OutputNotFound, StageNotInRun
+    from .view import write_view
 
     try:
-        path = write_html(output_dir, html_path, limit, stage)
-    except (OutputNotFound, KeyError) as exc:
-        _fail(str(exc).strip("'\""))
-    console.print(f"wrote {path}")
+        result = write_view(output_dir, html_path, stage, limit or None)
+    except (OutputNotFound, StageNotInRun) as exc:
+        _fail(str(exc))
+    console.print(f"wrote {result.page} ({result.records} records, {result.images} images, "
+                  f"{result.bytes / 1e6:.1f} MB with its files)")
 
 
 @app.command("card")

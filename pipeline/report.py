@@ -21,11 +21,16 @@ class OutputNotFound(FileNotFoundError):
     pass
 
 
-class StageNotInRun(LookupError):
+class _Message(KeyError):
+    def __str__(self) -> str:  # a KeyError would print its message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+class StageNotInRun(_Message):
     """A ``--stage`` that the last run did not have (the message lists those it had)."""
 
 
-class RecordNotFound(LookupError):
+class RecordNotFound(_Message):
     """No record with that id (the message suggests close ids and ``gmner-pipeline ids``)."""
 
 
