@@ -9,7 +9,7 @@ from typing import Any
 
 from PIL import Image
 
-THUMB = 640
+THUMB = 480  # the page shows images 420 px wide
 
 
 def thumb_name(path: Path) -> str:
@@ -33,7 +33,7 @@ def write_thumb(record: dict[str, Any], folder: Path) -> str | None:
                 im.thumbnail((THUMB, THUMB))
                 folder.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_suffix(".tmp")
-                im.save(tmp, format="JPEG", quality=85)
+                im.save(tmp, format="JPEG", quality=80)
                 tmp.replace(target)
         return name
     except OSError:  # missing or unreadable: the page draws the boxes on an empty frame of the image's size
