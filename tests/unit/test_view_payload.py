@@ -48,3 +48,28 @@ def test_an_unknown_stage_is_refused_not_replaced_by_the_last(tmp_path):
     out = _output(tmp_path)
     with pytest.raises(StageNotInRun, match="annotat"):
         write_view(out, stage="annotat")
+
+
+def test_fields_of_the_stages_being_built_are_shown_when_present():
+    from gmner_pipeline.view.payload import detail, index_entry
+
+    rec = {"id": "s/train/1", "status": "ok", "entities": [], "tokens": ["a"],
+           "knowledge": [{"entity": "Paris", "type": "LOC", "fine_type": "city", "knowledge": "a skyline",
+                          "status": "ok", "fine_type_support": ["gen_a"],
+                          "aspects": [{"aspect": "landmark", "text": "Eiffel tower", "support": ["gen_a", "gen_b"]}],
+                          "answers": [{"model_id": "m", "role": "gen_b", "ok": False, "error": "timeout"}]}],
+           "cot": {"split": "D2", "chains": [{"style": "mllm", "model_id": "qwen-vl-72b", "consistent": False,
+                                              "rejection": "wrong_answer", "heldout": False}]},
+           "grpo": {"policy_id": "p", "rewards": [0.25, None], "responses": ["x", None], "mean": 0.25, "std": 0.0,
+                    "max": 0.25, "median": 0.25, "keep": False, "reason": "low_std"}}
+    d = detail(rec, None)
+    k = d["knowledge"][0]
+    assert k["aspects"][0]["support"] == ["gen_a", "gen_b"] and k["fine_type_support"] == ["gen_a"]
+    assert k["answers"][0] == {"role": "gen_b", "model": "m", "ok": False, "text": "", "error": "timeout"}
+    assert d["chains"][0]["teacher"] == "qwen-vl-72b" and d["chains"][0]["rejection"] == "wrong_answer"
+    assert d["grpo"]["rewards"] == [0.25, None] and d["grpo"]["reason"] == "low_std"
+    entry = index_entry(0, rec, False)
+    assert (entry["teachers"], entry["grpo"], entry["grpo_reason"], entry["dsplit"]) == (
+        ["qwen-vl-72b"], "dropped", "low_std", "D2")
+    bare = detail({"id": "s/train/2", "status": "ok"}, None)  # a record of schema 1.0 with nothing but the sample
+    assert bare["knowledge"] == [] and bare["chains"] == [] and bare["grpo"] is None
