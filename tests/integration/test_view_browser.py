@@ -2,7 +2,7 @@
 without console errors, images decode, boxes sit where the record says, filters and paging work, on a hand-built
 output with every column group (knowledge, several styles and teachers, GRPO) and on a real run of the CLI.
 
-The session fixture installs Debian's ``chromium`` when it is absent (``apt-get``, as root) and skips, saying why,
+The browser fixture installs Debian's ``chromium`` when it is absent (``apt-get``, as root) and skips, saying why,
 only when that cannot be done. A screenshot of each page is kept under the output folder (``view/screenshot*.png``).
 """
 
@@ -44,8 +44,10 @@ def _install_chromium() -> str | None:
     return shutil.which("chromium")
 
 
-@pytest.fixture(scope="session")
-def browser(tmp_path_factory):
+@pytest.fixture(scope="module")
+def browser():
+    """One Chromium for this module. Not for the session: Playwright's sync API keeps an event loop running in the
+    main thread while it is open, and later tests that call asyncio.run would fail."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the dev extra) is not installed")
     path = _install_chromium()
     if path is None:
@@ -59,6 +61,7 @@ def browser(tmp_path_factory):
 
 def _open(browser, page_path: Path, viewport=(1400, 1600)):
     context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
+    context.set_default_timeout(120_000)  # a shared 2-core machine under load can be slow to paint
     page = context.new_page()
     problems: list[str] = []
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning")
