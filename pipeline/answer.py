@@ -641,6 +641,103 @@ def _load_structured(body: str) -> Any:
     return None
 
 
+def parse_json_object(text: str | None, *, max_chars: int | None = MAX_ANSWER_CHARS) -> tuple[dict[str, Any] | None,
+                                                                                        list[str]]:
+    """A JSON object from a model's text, for answers that are objects rather than GMNER triples (the knowledge
+    stage's generators and voter), tolerating what models wrap around it: a ``<think>`` block, an ``<answer>`` tag,
+    a code fence, prose before or after it, a Python-literal dict. Returns ``(object or None, notes)``; never raises,
+    and a text longer than ``max_chars`` is not read."""
+    try:
+        return _json_object(text, max_chars)
+    except Exception as exc:  # noqa: BLE001 - a parser bug must not kill a stage: report it as unreadable
+        return None, [f"parser error {type(exc).__name__}: {exc}"]
+
+
+def close_json(text: str) -> str:
+    """A JSON object cut off mid-way (a model that hit ``max_tokens``) closed so that it parses. A value string cut
+    mid-way is closed and kept; anything after the last complete value (a cut key, a dangling ``:`` or ``,``) is
+    dropped; open brackets are closed. One pass over the text; the text before the cut is kept as is."""
+    start = text.find("{")
+    if start < 0:
+        return text
+    body = text[start:]
+    closers: list[str] = []  # what closes each open container
+    expect: list[str] = []  # per container: "key" | "colon" | "value" | "after" (a value just ended)
+    in_string = escaped = is_key = False
+    safe_end, safe_closers = 0, ""
+    for i, ch in enumerate(body):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+                if is_key:
+                    expect[-1] = "colon"
+                elif expect:
+                    expect[-1] = "after"
+                    safe_end, safe_closers = i + 1, "".join(reversed(closers))
+            continue
+        if ch == '"':
+            in_string, is_key = True, bool(expect) and expect[-1] == "key"
+        elif ch in "{[":
+            closers.append("}" if ch == "{" else "]")
+            expect.append("key" if ch == "{" else "value")
+            safe_end, safe_closers = i + 1, "".join(reversed(closers))
+        elif ch in "}]":
+            if not closers:
+                break
+            closers.pop()
+            expect.pop()
+            if not closers:
+                return body[:i + 1]
+            expect[-1] = "after"
+            safe_end, safe_closers = i + 1, "".join(reversed(closers))
+        elif ch == ":" and expect:
+            expect[-1] = "value"
+        elif ch == "," and expect:
+            expect[-1] = "key" if closers[-1] == "}" else "value"
+        elif not ch.isspace() and expect and expect[-1] in ("value", "after"):  # a number, true, false or null
+            expect[-1] = "after"
+            safe_end, safe_closers = i + 1, "".join(reversed(closers))
+    if in_string and not is_key:  # a value cut mid-sentence: keep what was written
+        return (body[:-1] if escaped else body) + '"' + "".join(reversed(closers))
+    return body[:safe_end] + safe_closers
+
+
+def _load_object(body: str) -> Any:
+    """JSON that may hold raw line breaks inside strings (some grammars let a model write them), else a literal."""
+    try:
+        return json.loads(body, strict=False)
+    except Exception:  # noqa: BLE001 - any failure means "not JSON": try a Python literal
+        return _load_structured(body)
+
+
+def _json_object(text: str | None, max_chars: int | None) -> tuple[dict[str, Any] | None, list[str]]:
+    if text is None:
+        return None, ["no text"]
+    notes: list[str] = []
+    body = _split_turn(str(text)).answer
+    if max_chars is not None and len(body) > max_chars:
+        return None, [f"the answer has {len(body)} characters, more than the limit of {max_chars}: not read"]
+    fenced = _code_fence(body)
+    if fenced is not None:
+        body = fenced[0]
+        notes.append("read the object inside a code fence")
+    body = body.strip()
+    value = _load_object(body) if body.startswith("{") else None
+    if value is None:
+        start, end = body.find("{"), body.rfind("}")
+        if 0 <= start < end:
+            value = _load_object(body[start:end + 1])
+            if value is not None:
+                notes.append("skipped text around the object")
+    if not isinstance(value, dict):
+        return None, notes + ["no JSON object found"]
+    return value, notes
+
+
 def _structured_after_prose(body: str) -> tuple[Any, list[str]]:
     """A JSON/literal list or object that starts a line after some prose (``Here you go:\n[{...}]``)."""
     m = _STRUCTURED_LINE.search(body)

@@ -1,5 +1,5 @@
-"""The ``gmner-pipeline`` command: run, status, show, view, stages (eval from the scoring package; train and predict
-from the trainer)."""
+"""The ``gmner-pipeline`` command: run, status, show, view, teachers, stages (eval from the scoring package; train and
+predict from the trainer)."""
 
 from __future__ import annotations
 
@@ -111,6 +111,8 @@ def run_command(
     def on_progress(state: dict[str, Any]) -> None:
         for name, sp in state.items():
             rate = f"{sp.records_per_s:,.1f} rec/s" if sp.processed_now else ""
+            if sp.units_total and sp.units_done < sp.units_total:  # a keyed stage building its table first
+                rate = f"table {sp.units_done}/{sp.units_total} units"
             progress.update(tasks[name], completed=sp.done, rate=rate)
 
     try:
@@ -287,6 +289,29 @@ def export_command(
     skipped = ", ".join(f"{k} {v}" for k, v in stats.skipped.items())
     console.print(f"{split}: {stats.examples} examples from {stats.records} records -> {to}"
                   + (f" (skipped: {skipped}; first: {stats.errors[0]})" if skipped else ""))
+
+
+@app.command("teachers")
+def teachers_command(
+    output_dir: Path = typer.Argument(..., help="The run's output folder."),
+    stage: str = typer.Option("distill", help="The CoT stage whose folders to compare (distill or template_cot)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON instead of tables."),
+) -> None:
+    """Compare the CoT teacher versions in an output folder: records, chains, consistency, rejection reasons,
+    tokens, seconds, and how often two teachers both wrote a consistent chain for the same record."""
+    import json
+
+    from gmner_pipeline.stages.distill.compare import compare_teachers, render
+
+    if not output_dir.is_dir():
+        _fail(f"{output_dir} is not a folder")
+    comparison = compare_teachers(output_dir, stage)
+    if not comparison.folders:
+        _fail(f"{output_dir} holds no {stage} output; run `gmner-pipeline run {stage} --output {output_dir}` first")
+    if as_json:
+        typer.echo(json.dumps(comparison.to_json(), indent=1))
+    else:
+        _stdout().print(render(comparison))
 
 
 from .scoring.cli import eval_command, grpo_report_command  # noqa: E402 - registered below, after the core commands

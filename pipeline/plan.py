@@ -30,10 +30,14 @@ class StagePlan:
     key: str
     upstream_key: str
     dir: Path
+    llm: dict[str, Any] | None = None  # the LLM part of the key: per role its model identity and sampling
 
     def manifest(self) -> dict[str, Any]:
-        return {"stage": self.name, "version": self.cls.version, "key": self.key, "upstream_key": self.upstream_key,
-                "schema_major": SCHEMA_MAJOR, "config": self.config.key_payload()}
+        out = {"stage": self.name, "version": self.cls.version, "key": self.key, "upstream_key": self.upstream_key,
+               "schema_major": SCHEMA_MAJOR, "config": self.config.key_payload()}
+        if self.llm is not None:  # which models a folder's outputs came from (gmner-pipeline teachers reads it)
+            out["llm"] = self.llm
+        return out
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,8 @@ def llm_key_payload(config: RunConfig, roles: set[str]) -> dict[str, Any] | None
         rc = llm.role(role)
         payload["roles"][role] = {"model": role_identity(rc, llm), "sampling": rc.sampling.model_dump(mode="json"),
                                   "n_mode": rc.n_mode}
+        if rc.frame.kind != "original":  # another frame means other prompts and answers (original keeps old keys)
+            payload["roles"][role]["frame"] = rc.frame.model_dump(mode="json")
     return payload
 
 
@@ -149,12 +155,13 @@ def plan_run(config: RunConfig, stages: list[str] | None = None) -> RunPlan:
     check_order(config, [(name, cls, config.stages.get(name) or cls.Config()) for name, cls in classes])
     for name, cls in classes:
         cfg = config.stages.get(name) or cls.Config()
+        llm = llm_key_payload(config, cls.llm_roles(cfg))
         payload = {"stage": name, "version": cls.version, "schema_major": SCHEMA_MAJOR, "config": cfg.key_payload(),
-                   "upstream": upstream, "seed": config.run.seed, "llm": llm_key_payload(config, cls.llm_roles(cfg))}
+                   "upstream": upstream, "seed": config.run.seed, "llm": llm}
         if "cot" in cls.writes:  # cot.split is the D1/D2 assignment: the dataset section decides it
             payload["dataset"] = config.dataset.model_dump(mode="json")
         key = stable_hash(payload)
-        plans.append(StagePlan(name, cls, cfg, key, upstream, out / name / key))
+        plans.append(StagePlan(name, cls, cfg, key, upstream, out / name / key, llm))
         upstream = key
     return RunPlan(out, ingest, plans)
 

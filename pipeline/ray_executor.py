@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from .config import RunConfig
 from .plan import StagePlan
-from .scheduler import ShardOutcome, ShardTask
+from .scheduler import ShardOutcome, Task
 from .stage import StageContext
 
 log = logging.getLogger(__name__)
@@ -82,17 +82,19 @@ class ShardActor:
 
     def __init__(self, stage_name: str, config: dict[str, Any], context: dict[str, Any]):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        for noisy in ("httpx", "httpx2", "openai", "urllib3", "filelock"):  # one line per LLM request otherwise
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         from gmner_pipeline.stages import load_stage
         from gmner_pipeline.worker import ShardProcessor
 
         cls = load_stage(stage_name)
         self.processor = ShardProcessor(cls, cls.Config.model_validate(config), StageContext(**context))
 
-    def process(self, index: int, in_path: str, out_dir: str) -> dict[str, Any]:
+    def run(self, task: Task) -> dict[str, Any]:
+        """A shard, or a unit of a keyed stage's table (``ShardProcessor.run``)."""
         import ray
 
-        return self.processor.process(index, in_path, out_dir,
-                                      extra_stats={"node_id": ray.get_runtime_context().get_node_id()})
+        return self.processor.run(task, extra_stats={"node_id": ray.get_runtime_context().get_node_id()})
 
     def pid(self) -> int:
         return os.getpid()
@@ -151,7 +153,7 @@ class ActorPool:
 
 @dataclass
 class _Running:
-    task: ShardTask
+    task: Task
     slot: int
     actor: Any
 
@@ -172,13 +174,13 @@ class RayExecutor:
             self.pools[k] = ActorPool(self.ray, self.stages[k], self.contexts[k], self.restarts)
         return self.pools[k]
 
-    def submit(self, task: ShardTask) -> bool:
+    def submit(self, task: Task) -> bool:
         pool = self._pool(task.stage)
         slot = pool.free_slot(task.alone)
         if slot is None:
             return False
         actor = pool.actors[slot]
-        ref = actor.process.remote(task.shard, task.in_path, task.out_dir)
+        ref = actor.run.remote(task)
         pool.load[slot] += 1
         pool.solo[slot] = task.alone
         self.running[ref] = _Running(task, slot, actor)

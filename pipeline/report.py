@@ -71,8 +71,10 @@ def load_latest(output_dir: str | Path) -> dict[str, Any]:
     return read_json(path)
 
 
-def _reasons(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) or "-"
+def _reasons(counts: dict[str, int]) -> Text:
+    """Counts as one cell, most frequent first. A ``Text``: names such as ``llm:chains:`` must not be read as rich
+    markup or emoji codes (``:chains:`` would print a chain symbol)."""
+    return Text(", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) or "-")
 
 
 def status_table(output_dir: str | Path) -> Table:
@@ -156,12 +158,13 @@ def record_view(rec: dict[str, Any]) -> Group:
         d = rec["detections"]
         parts.append(Text(f"detections ({d.get('backend')}, {d.get('model_id')}): {d.get('annotation_text')}"))
     for k in rec.get("knowledge") or []:
-        parts.append(Text(f"knowledge {k['entity']} ({k.get('fine_type') or k['type']}): {k.get('knowledge')}"))
+        parts.append(knowledge_view(k))
     cot = rec.get("cot") or {}
     if cot.get("skipped"):
         parts.append(Text(f"cot skipped: {cot['skipped']}", style="yellow"))
     for ch in cot.get("chains") or []:
-        title = f"{ch['style']} / {ch['route']}  consistent={ch.get('consistent')}"
+        title = f"{ch['style']} / {ch['route']}" + (f" / {ch['model_id']}" if ch.get("model_id") else "")
+        title += f"  consistent={ch.get('consistent')}" + ("  (held out)" if ch.get("heldout") else "")
         if ch.get("rejection"):
             title += f"  rejection={ch['rejection']}"
         parts.append(Panel(Text(f"{ch.get('think')}\n\nanswer: {ch.get('answer')}"), title=title, title_align="left"))
@@ -174,6 +177,40 @@ def record_view(rec: dict[str, Any]) -> Group:
                     entry.get("run_id") or "", ", ".join(entry.get("model_ids") or []), entry.get("prompt_hash") or "")
     parts.append(lin)
     return Group(*parts)
+
+
+def knowledge_view(k: dict[str, Any]) -> Panel:
+    """One entity's knowledge: the summary, the voted aspects with their support, each generator's answer."""
+    body: list[Any] = []
+    fine = k.get("fine_type") or "-"
+    if k.get("fine_type_support"):
+        fine += f"  (proposed by {', '.join(k['fine_type_support'])})"
+    body.append(Text(f"fine type: {fine}   status: {k.get('status') or '-'}   "
+                     f"context: {k.get('context_id') or 'none'}   source: {k.get('entity_source') or '-'}"))
+    body.append(Text(f"summary: {k.get('knowledge') or '-'}", style="bold"))
+    if k.get("aspects"):
+        vote = Table("aspect", "voted", "support", title="vote", title_justify="left")
+        for a in k["aspects"]:
+            vote.add_row(a["aspect"], a["text"], ", ".join(a.get("support") or []))
+        body.append(vote)
+    elif k.get("voted"):
+        body.append(Text(f"voted: {k['voted']}"))
+    if k.get("answers"):
+        answers = Table("role", "model", "fine type", "answer", title="answers", title_justify="left")
+        for a in k["answers"]:
+            text = a.get("text") or ""
+            answers.add_row(a.get("role") or "", a.get("model_id") or "", a.get("fine_type") or "",
+                            (text[:400] + " ..." if len(text) > 400 else text) if a.get("ok") is not False
+                            else Text(f"failed: {a.get('error')}", style="red"))
+        body.append(answers)
+    tokens: dict[str, int] = {}
+    for t in k.get("tokens") or []:
+        tokens[t["role"]] = tokens.get(t["role"], 0) + (t.get("prompt_tokens") or 0) + (t.get("completion_tokens") or 0)
+    if tokens:
+        body.append(Text("tokens: " + ", ".join(f"{r} {n}" for r, n in tokens.items())))
+    for note in k.get("notes") or []:
+        body.append(Text(f"note: {note}", style="yellow"))
+    return Panel(Group(*body), title=f"knowledge: {k['entity'][:80]} ({k['type']})", title_align="left")
 
 
 def print_record(rec: dict[str, Any], console: Console | None = None) -> None:

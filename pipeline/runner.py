@@ -19,6 +19,7 @@ from .config import RunConfig
 from .dataset_card import write_dataset_card
 from .hashing import stable_hash
 from .ingest_step import run_ingest
+from .keyed import table_dir
 from .llm.config import LLMConfig
 from .output_lock import OutputLock, RunLockedError
 from .plan import RunPlan, plan_run
@@ -76,6 +77,7 @@ def execute(plan: RunPlan, config: RunConfig, num_shards: int, contexts: list[St
     for s in plan.stages:
         s.dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(s.dir)
+        remove_stale_temporaries(table_dir(s.dir))  # a keyed stage's table units (keyed.py)
         write_json_atomic(s.dir / MANIFEST, s.manifest())
         write_dataset_card(s.dir, s.manifest())  # so that datasets.load_dataset(s.dir) reads the shards only
     from .ray_executor import RayExecutor, ray_session
@@ -116,6 +118,9 @@ def run(config: RunConfig, stages: list[str] | None = None,
         if on_plan:
             on_plan(plan, ingest)
         with llm_service_scope(config, plan) as llm:
+            for s in plan.stages:  # the resolved roles: identities, endpoints
+                if llm is not None and s.cls.llm_roles(s.config):
+                    s.cls.preflight_llm(s.config, llm)
             contexts = stage_contexts(plan, config, run_id, llm)
             progress = execute(plan, config, ingest["num_shards"], contexts, on_progress)
         dataset = publish(plan, config, run_id, ok=not any(sp.failed for sp in progress.values()))

@@ -11,7 +11,11 @@ still to come, attempts, progress). ``Scheduler`` moves shards through it and ha
 * **retries**: a failed shard is queued again (first in line, to run alone on an idle worker) until
   ``run.shard_attempts``; then it is reported, the shards it would have fed downstream are reported too, and the rest
   of the run completes;
-* a stage's workers are released as soon as no shard can reach the stage any more.
+* a stage's workers are released as soon as no shard can reach the stage any more;
+* **keyed stages** (``keyed.py``): once the stage's whole input is committed, its table is built first, as
+  ``TableTask``s (one per unit, committed, retried and resumed like shards); the stage's shards are held until every
+  unit is committed, then run as ``ShardTask``s that join the table. A table whose input changed since it was built is
+  voided with the stage's committed shards (``TableBook``).
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from .keyed import TableRef
 from .plan import RunPlan
 from .shards import committed_indices, shard_path, void_shard
 from .summary import StageProgress
+from .table_book import KeyedTables, TableTask
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +42,24 @@ class ShardTask:
     in_path: str
     out_dir: str
     alone: bool = False  # a retry: run it by itself on an idle worker (it may be what kills its worker)
+    table: TableRef | None = None  # a keyed stage's committed table, which the shard joins
+
+
+Task = ShardTask | TableTask
 
 
 @dataclass
 class ShardOutcome:
-    task: ShardTask
+    task: Task
     stats: dict[str, Any] | None = None  # the commit marker's stats
     error: BaseException | None = None
 
 
 class Executor(Protocol):
-    """Runs shard tasks on workers: one pool of workers per stage, each worker with the stage set up once."""
+    """Runs tasks on workers: one pool of workers per stage, each worker with the stage set up once. A worker runs a
+    task with ``worker.ShardProcessor.run(task)``, whatever its kind (``ShardTask`` or ``TableTask``)."""
 
-    def submit(self, task: ShardTask) -> bool:
+    def submit(self, task: Task) -> bool:
         """Start the task on a free worker of its stage; False when no worker can take it now."""
 
     def wait(self, timeout: float) -> list[ShardOutcome]:
@@ -74,15 +85,36 @@ class ShardBook:
         self.committed = [committed_indices(s.dir) for s in self.stages]
         self.ready: list[deque[int]] = [deque() for _ in self.stages]
         self.attempts: dict[tuple[int, int], int] = {}
+        self.num_shards = num_shards
+        self.tables = KeyedTables(self)  # keyed stages (table_book.py); may void outputs built from a stale input
         for shard in range(num_shards):
             for k, done in enumerate(self.committed):
                 if shard not in done:
-                    self.ready[k].append(shard)
+                    self._arrive(k, shard)
                     self._void_downstream(k, shard)
                     break
         for s, done in zip(self.stages, self.committed):
             self.progress[s.name].done = len(done & set(range(num_shards)))
         self.pending = [num_shards - self.progress[s.name].done for s in self.stages]
+        for k in range(len(self.stages)):
+            self.tables.input_grew(k)
+
+    def _arrive(self, k: int, shard: int) -> None:
+        """Shard ``shard`` is ready for stage ``k``: queued, unless a keyed stage's table holds it."""
+        if not self.tables.hold(k, shard):
+            self.ready[k].append(shard)
+
+    def has_ready(self, k: int) -> bool:
+        return bool(self.ready[k]) or bool(self.tables.ready(k))
+
+    def give_up(self, k: int, shard: int, reason: str) -> None:
+        """Report ``shard`` failed at stage ``k`` and, as unreachable, at every later stage that has not got it."""
+        self.progress[self.stages[k].name].failed.append((shard, reason))
+        self.pending[k] -= 1
+        for j in range(k + 1, len(self.stages)):
+            if shard not in self.committed[j]:
+                self.pending[j] -= 1
+                self.progress[self.stages[j].name].failed.append((shard, f"upstream {self.stages[k].name} failed"))
 
     def _void_downstream(self, k: int, shard: int) -> None:
         """Downstream shards made from the output stage ``k`` is about to replace are void: keeping them would pair a
@@ -102,7 +134,7 @@ class ShardBook:
         shard = self.ready[k][0]
         source = self.plan.ingest.dir if k == 0 else self.stages[k - 1].dir
         return ShardTask(k, shard, str(shard_path(source, shard)), str(self.stages[k].dir),
-                         alone=self.attempts.get((k, shard), 0) > 0)
+                         alone=self.attempts.get((k, shard), 0) > 0, table=self.tables.ref(k))
 
     def committed_now(self, k: int, shard: int, stats: dict[str, Any]) -> None:
         sp = self.progress[self.stages[k].name]
@@ -110,11 +142,13 @@ class ShardBook:
         sp.processed_now += 1
         sp.records_now += stats.get("records_in", 0)
         self.pending[k] -= 1
+        self.committed[k].add(shard)
         nxt = k + 1
         while nxt < len(self.stages) and shard in self.committed[nxt]:
             nxt += 1  # already done downstream (e.g. an interrupted earlier run got further)
         if nxt < len(self.stages):
-            self.ready[nxt].append(shard)
+            self._arrive(nxt, shard)
+        self.tables.input_grew(k + 1)
 
     def failed_now(self, k: int, shard: int, error: str, max_attempts: int) -> bool:
         """Count a failure; True when the shard is queued again, False when it is given up for this run."""
@@ -125,12 +159,8 @@ class ShardBook:
             self.ready[k].appendleft(shard)
             return True
         log.error("%s shard %d failed %d times, giving up for this run: %s", name, shard, n, error)
-        self.progress[name].failed.append((shard, error))
-        self.pending[k] -= 1
-        for j in range(k + 1, len(self.stages)):  # it can never reach the later stages in this run
-            if shard not in self.committed[j]:
-                self.pending[j] -= 1
-                self.progress[self.stages[j].name].failed.append((shard, f"upstream {name} failed"))
+        self.give_up(k, shard, error)  # it can never reach the later stages in this run
+        self.tables.upstream_failed(k, shard)
         return False
 
     def finished(self, k: int) -> bool:
@@ -148,7 +178,7 @@ class Scheduler:
     def run(self, on_progress: Callable[[dict[str, StageProgress]], None] | None = None) -> dict[str, StageProgress]:
         book, executor = self.book, self.executor
         self.submit_ready()
-        while executor.in_flight() or any(book.ready[k] and executor.starting(k) for k in range(len(book.stages))):
+        while executor.in_flight() or any(book.has_ready(k) and executor.starting(k) for k in range(len(book.stages))):
             for outcome in executor.wait(timeout=1.0):
                 self.record(outcome)
             self.submit_ready()
@@ -160,20 +190,27 @@ class Scheduler:
 
     def submit_ready(self) -> None:
         for k, queue in enumerate(self.book.ready):
-            while queue:
-                sp = self.book.progress[self.book.stages[k].name]
-                if sp.started is None:
-                    sp.started = time.perf_counter()
-                if not self.executor.submit(self.book.task(k)):
-                    break
-                queue.popleft()
+            for q, make in ((self.book.tables.ready(k), self.book.tables.task), (queue, self.book.task)):
+                while q:
+                    sp = self.book.progress[self.book.stages[k].name]
+                    if sp.started is None:
+                        sp.started = time.perf_counter()
+                    if not self.executor.submit(make(k)):
+                        break
+                    q.popleft()
 
     def record(self, outcome: ShardOutcome) -> None:
-        k, shard = outcome.task.stage, outcome.task.shard
-        if outcome.error is None:
-            self.book.committed_now(k, shard, outcome.stats or {})
+        task = outcome.task
+        k = task.stage
+        if isinstance(task, TableTask):
+            if outcome.error is None:
+                self.book.tables.unit_committed(k, task.unit)
+            else:
+                self.book.tables.unit_failed(k, task.unit, short_error(outcome.error), self.max_attempts)
+        elif outcome.error is None:
+            self.book.committed_now(k, task.shard, outcome.stats or {})
         else:
-            self.book.failed_now(k, shard, short_error(outcome.error), self.max_attempts)
+            self.book.failed_now(k, task.shard, short_error(outcome.error), self.max_attempts)
         for j, stage in enumerate(self.book.stages):
             sp = self.book.progress[stage.name]
             if self.book.pending[j] == 0 and sp.finished is None:

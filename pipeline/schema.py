@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 SCHEMA_MAJOR = int(SCHEMA_VERSION.split(".")[0])
 
 # A box is (x1, y1, x2, y2): top-left and bottom-right corners in pixels of the ORIGINAL image.
@@ -68,15 +68,39 @@ DETECTIONS = pa.struct(
     ]
 )
 
+KNOWLEDGE_ANSWER = pa.struct(  # one generator's raw answer about an entity
+    [
+        ("model_id", pa.string()),
+        ("text", pa.string()),
+        ("role", pa.string()),  # 1.1: the generator role that answered
+        ("fine_type", pa.string()),  # 1.1: the fine type it proposed, as written
+        ("ok", pa.bool_()),  # 1.1: it answered and the answer was read
+        ("error", pa.string()),  # 1.1: why not
+    ]
+)
+KNOWLEDGE_ASPECT = pa.struct(  # 1.1: one aspect the voter kept, with the generator roles that stated it
+    [("aspect", pa.string()), ("text", pa.string()), ("support", pa.list_(pa.string()))]
+)
+KNOWLEDGE_TOKENS = pa.struct(  # 1.1: one LLM call made for an entity
+    [("role", pa.string()), ("model_id", pa.string()), ("prompt_tokens", pa.int64()),
+     ("completion_tokens", pa.int64()), ("cached", pa.bool_())]
+)
 KNOWLEDGE_ITEM = pa.struct(
     [
         ("entity", pa.string()),
         ("type", pa.string()),
-        ("fine_type", pa.string()),
+        ("fine_type", pa.string()),  # validated against the ontology; null when no valid one was proposed
         ("knowledge", pa.string()),  # summarised, voted visual knowledge
-        ("answers", pa.list_(pa.struct([("model_id", pa.string()), ("text", pa.string())]))),  # raw per-LLM answers
+        ("answers", pa.list_(KNOWLEDGE_ANSWER)),  # raw per-LLM answers
         ("voted", pa.string()),  # the voter's merged text, before the summary
-        ("cache_key", pa.string()),
+        ("cache_key", pa.string()),  # entity text + type + model set + templates + settings
+        ("entity_source", pa.string()),  # 1.1: "gold" | "predicted" (student.has_gold_knowledge reads it)
+        ("status", pa.string()),  # 1.1: "ok" | "no_agreement" | "skipped" | "error"
+        ("aspects", pa.list_(KNOWLEDGE_ASPECT)),  # 1.1: the voted aspects with their support
+        ("fine_type_support", pa.list_(pa.string())),  # 1.1: generator roles that proposed the chosen fine type
+        ("context_id", pa.string()),  # 1.1: the record whose sentence was the context (null: sentence-free prompt)
+        ("tokens", pa.list_(KNOWLEDGE_TOKENS)),  # 1.1: tokens per call (generators, voter, summary)
+        ("notes", pa.list_(pa.string())),  # 1.1: what was tolerated or rejected (invalid fine type, ...)
     ]
 )
 
@@ -92,6 +116,13 @@ COT_CHAIN = pa.struct(
         ("consistent", pa.bool_()),  # parsed answer equals gold under the evaluation rules
         ("rejection", pa.string()),  # why it was rejected, when not consistent
         ("attempts", pa.int32()),
+        # 1.1 (distill): which teacher version wrote it and what it cost; null in older shards and for templates
+        ("style_key", pa.string()),  # hash of the style's config and teacher (gmner-pipeline teachers groups by it)
+        ("prompt_tokens", pa.int64()),  # its share of its requests' tokens, every attempt included
+        ("completion_tokens", pa.int64()),
+        ("seconds", pa.float32()),  # its share of its requests' latency (queueing included)
+        ("frame", pa.string()),  # the teacher's coordinate frame kind; boxes are stored in original pixels anyway
+        ("heldout", pa.bool_()),  # true: written for a dev/test record on request (heldout_chains); never training data
     ]
 )
 

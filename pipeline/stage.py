@@ -11,6 +11,10 @@ decisions) plus one small ``Stage`` subclass:
 * ``llm_roles(config)`` (classmethod): the LLM roles it calls; the runner makes each one reachable.
 * ``setup()``: load models, open clients; once per worker process. ``close()``: release them (safe without setup).
 * ``process(records)`` or ``async aprocess(records)``: work on the records it is handed and return them (same ids).
+* optional, a **keyed table** (``keyed.py``): ``table_keys(record)`` names what a record needs that belongs to a key
+  rather than to the record (an entity's knowledge); ``build_table(items)`` / ``async abuild_table(items)`` computes
+  it once per key over the stage's whole input; ``process`` then finds the values of its batch's keys in
+  ``self.table``.
 
 The framework (``Stage.__call__``, used by the runner and ``gmner_pipeline.testing.run_stage``) hands ``process`` only
 the records whose status is ok (and that ``accepts``), passes the others through untouched, and appends each handled
@@ -31,6 +35,7 @@ from typing import Any, ClassVar, Iterable
 from pydantic import Field
 
 from .configbase import Strict
+from .keyed import TableKey
 from .llm.config import LLMConfig
 from .llm.context import LLMContext
 from .schema import STATUS_DROPPED, STATUS_ERROR, STATUS_OK
@@ -55,6 +60,8 @@ class Resources(Strict):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; >0 only on machines with GPUs")
     pool_size: int = Field(1, ge=1, description="actors in the pool")
     max_in_flight: int = Field(2, ge=1, description="shards queued per actor (2 overlaps IO with compute)")
+    table_units: int = Field(8, ge=1, description="keyed stages only: work units of the keyed table pass (each one "
+                             "task on the pool; more units spread the pass over more actors)")
 
 
 class StageConfig(Strict):
@@ -97,6 +104,8 @@ class Stage:
     Config: ClassVar[type[StageConfig]] = StageConfig
     reads: ClassVar[frozenset[str]] = frozenset()  # column groups (schema.COLUMN_GROUPS) the stage needs
     writes: ClassVar[frozenset[str]] = frozenset()  # column groups the stage fills
+    # keyed stages: the columns the table pass reads (None: all); id and status are always read
+    table_columns: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, config: StageConfig, context: StageContext | None = None):
         """The framework's: a stage builds its state in ``setup()``, not here."""
@@ -108,6 +117,8 @@ class Stage:
         self.prompt_hash: str | None = None
         self._usage: dict[str, Usage] = {}
         self._counters: Counter[str] = Counter()
+        self.table: dict[str, Any] = {}  # keyed stages: the table's values for the current batch's keys
+        self._table_source: Any = None  # keyed.TableFiles / InMemoryTable, attached by the framework
 
     # --- what a stage defines -----------------------------------------------------------------------------------
 
@@ -146,6 +157,34 @@ class Stage:
     def close(self) -> None:
         """Release what ``setup`` built (log the stage's counters); safe to call when ``setup`` did not run."""
 
+    # --- a keyed table (optional; keyed.py) -------------------------------------------------------------------------
+
+    def table_keys(self, record: Record) -> Iterable[TableKey]:
+        """Define it to make the stage keyed: what this (ok, accepted) record needs from the keyed table, as
+        ``TableKey(key, item, rank)``. Must be a pure function of the record and the config: the table pass and the
+        shard pass both call it."""
+        return ()
+
+    def build_table(self, items: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Compute one JSON-able value per key from its item (the item of the key's first occurrence, see
+        ``TableKey``); return exactly the keys given. A failure that belongs to one key is a value (the shard pass
+        turns it into a per-record error), not an exception: an exception fails the whole unit, which is retried."""
+        raise NotImplementedError(f"keyed stage {self.name!r} defines neither build_table() nor abuild_table()")
+
+    async def abuild_table(self, items: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """``build_table`` as a coroutine on the worker's event loop (fan out LLM requests across the keys)."""
+        raise NotImplementedError
+
+    @classmethod
+    def keyed(cls) -> bool:
+        """True when the stage builds a keyed table (defines ``table_keys``)."""
+        return cls.table_keys is not Stage.table_keys
+
+    @classmethod
+    def preflight_llm(cls, config: StageConfig, llm: LLMConfig) -> None:
+        """Check, in the driver, the resolved LLM roles the stage will call (identities, endpoints): warn, or raise
+        ``StageSetupError`` saying what to do. Runs after ``preflight`` once the servers are known."""
+
     # --- what a stage calls ---------------------------------------------------------------------------------------
 
     def usage(self, record: Record, *, results: Iterable[Any] = (), model_ids: Iterable[str] = (),
@@ -177,6 +216,25 @@ class Stage:
         if n:
             self._counters[event] += n
 
+    def attach_table(self, source: Any) -> None:
+        """The framework's: where ``self.table`` comes from (``keyed.TableFiles`` in a run)."""
+        self._table_source = source
+
+    def compute_table(self, items: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The framework's: run ``abuild_table``/``build_table`` on a unit's items and check it returned each key."""
+        if not items:
+            return {}
+        if type(self).abuild_table is not Stage.abuild_table:
+            values = self.llm.run(self.abuild_table(items))
+        else:
+            values = self.build_table(items)
+        if not isinstance(values, dict) or set(values) != set(items):
+            got = set(values) if isinstance(values, dict) else set()
+            raise StageContractError(f"stage {self.name}: build_table must return a value for exactly the keys it "
+                                     f"was given; missing {sorted(set(items) - got)[:5]}, "
+                                     f"extra {sorted(got - set(items))[:5]}")
+        return values
+
     def take_counters(self) -> dict[str, int]:
         """The counts since the last call (the framework's: one call per shard)."""
         out, self._counters = dict(self._counters), Counter()
@@ -192,6 +250,8 @@ class Stage:
         if not todo:
             return records
         t0 = time.perf_counter()
+        if self.keyed():
+            self.table = self._lookup_table(todo)
         if type(self).aprocess is not Stage.aprocess:
             out = self.llm.run(self.aprocess(todo))
         else:
@@ -211,6 +271,12 @@ class Stage:
             done["lineage"] = [*(done.get("lineage") or []), self._lineage(self._usage.get(rec["id"]), share)]
             result.append(done)
         return result
+
+    def _lookup_table(self, records: list[Record]) -> dict[str, Any]:
+        if self._table_source is None:
+            raise RuntimeError(f"keyed stage {self.name!r} ran without its table: run it through the runner or "
+                               "gmner_pipeline.testing.run_stage, which build the table first")
+        return self._table_source.lookup(k.key for r in records for k in self.table_keys(r))
 
     def _lineage(self, usage: Usage | None, share: float) -> dict[str, Any]:
         u = usage or Usage()

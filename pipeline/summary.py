@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .keyed import read_unit_markers, table_dir
 from .plan import RunPlan
 from .shards import read_markers
 
@@ -22,6 +23,8 @@ class StageProgress:
     started: float | None = None
     finished: float | None = None  # when its last shard of this run came back (its rate ends there)
     failed: list[tuple[int, str]] = field(default_factory=list)
+    units_total: int = 0  # keyed stages: units of the keyed table (keyed.py), and how many are committed
+    units_done: int = 0
 
     @property
     def records_per_s(self) -> float:
@@ -61,16 +64,24 @@ def run_summary(result: RunResult) -> dict[str, Any]:
         "ingest": result.ingest,
         "stages": {name: {"shards_total": sp.total, "shards_done": sp.done, "shards_processed_now": sp.processed_now,
                           "records_processed_now": sp.records_now, "records_per_s": round(sp.records_per_s, 2),
-                          "failed": sp.failed}
+                          "failed": sp.failed, **({"table_units": [sp.units_done, sp.units_total]}
+                                                   if sp.units_total else {})}
                    for name, sp in result.stages.items()},
     }
 
 
 def stage_totals(stage_dir: Path) -> dict[str, Any]:
-    """Sum the commit markers of a stage folder's committed shards (for status and summaries)."""
+    """Sum the commit markers of a stage folder's committed shards (for status and summaries); a keyed stage's
+    table units add their keys, seconds and counters (what was computed once per key is counted there)."""
     totals: dict[str, Any] = {"shards": 0, "records_in": 0, "records_ok": 0, "records_dropped": 0,
                               "records_error": 0, "drop_reasons": {}, "errors_by_stage": {}, "counters": {},
-                              "seconds": 0.0}
+                              "seconds": 0.0, "table_units": 0, "table_keys": 0}
+    for stats in read_unit_markers(table_dir(stage_dir)).values():
+        totals["table_units"] += 1
+        totals["table_keys"] += stats.get("keys", 0)
+        totals["seconds"] += stats.get("seconds", 0.0) or 0.0
+        for reason, n in (stats.get("counters") or {}).items():
+            totals["counters"][reason] = totals["counters"].get(reason, 0) + n
     for stats in read_markers(stage_dir).values():
         totals["shards"] += 1
         for k in ("records_in", "records_ok", "records_dropped", "records_error"):

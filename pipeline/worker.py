@@ -19,14 +19,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .keyed import TableFiles, TableRef, collect_items, commit_unit, write_unit
+from .scheduler import TableTask
 from .schema import STATUS_DROPPED, STATUS_ERROR, STATUS_OK
 from .shards import commit_shard, read_records, shard_path, write_records
-from .stage import Record, Stage, StageConfig, StageContext, StageContractError, check_contract, mark_error
+from .stage import Record, Stage, StageConfig, StageContext, StageContractError, active, check_contract, mark_error
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ShardProcessor", "StageContractError", "check_contract", "run_batch", "shard_stats", "start_stage",
-           "stop_stage"]
+           "stop_stage", "table_items"]
 
 
 def shard_stats(records: list[Record], stage: str) -> dict[str, Any]:
@@ -94,6 +96,21 @@ def run_batch(stage: Stage, batch: list[Record]) -> list[Record]:
     return out
 
 
+def table_items(stage: Stage, records: Any, unit: int | None = None, units: int = 1) -> dict[str, dict[str, Any]]:
+    """A keyed stage's ``{key: item}`` over ``records`` (the ok records it accepts), for one unit of the table or all
+    of it (``keyed.collect_items`` picks each key's occurrence)."""
+    return collect_items(stage.table_keys, (r for r in records if active(r) and stage.accepts(r)), unit, units)
+
+
+def iter_input(stage: Stage, input_dir: str | Path, num_shards: int) -> Any:
+    """The records of a stage's whole (committed) input, shard by shard, with only the columns the table pass needs."""
+    columns = None
+    if stage.table_columns is not None:
+        columns = list(dict.fromkeys(["id", "status", *stage.table_columns]))
+    for index in range(num_shards):
+        yield from read_records(shard_path(input_dir, index), columns)
+
+
 class ShardProcessor:
     """One stage instance in a worker process: ``setup`` once, then shard after shard, then ``close``."""
 
@@ -103,11 +120,42 @@ class ShardProcessor:
         self.batch_size = config.batch_size
         self.context = context
 
+    def run(self, task: Any, extra_stats: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Run a scheduler task (``scheduler.ShardTask`` or ``scheduler.TableTask``); returns its commit stats. The
+        one entry point an executor needs."""
+        if isinstance(task, TableTask):
+            return self.build_unit(task.unit, task.table, task.input_dir, task.num_shards, extra_stats)
+        return self.process(task.shard, task.in_path, task.out_dir, extra_stats, table=task.table)
+
+    def build_unit(self, unit: int, table: TableRef, input_dir: str | Path, num_shards: int,
+                   extra_stats: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Compute unit ``unit`` of a keyed stage's table from the stage's whole input; write it and commit it."""
+        t0 = time.perf_counter()
+        self.stage.take_counters()
+        items = table_items(self.stage, iter_input(self.stage, input_dir, num_shards), unit, table.units)
+        values = self.stage.compute_table(items)
+        write_unit(table.dir, unit, values)
+        stats = {"stage": self.name, "stage_key": self.context.stage_key, "run_id": self.context.run_id,
+                 "unit": unit, "units": table.units, "keys": len(values),
+                 "seconds": round(time.perf_counter() - t0, 3), "host": socket.gethostname(), "pid": os.getpid(),
+                 "finished_at": time.time(), **(extra_stats or {})}
+        stats["counters"] = self.stage.take_counters()
+        llm = self.stage.llm.stats()
+        if llm:
+            stats["llm"] = llm
+        commit_unit(table.dir, unit, stats)
+        return stats
+
     def process(self, index: int, in_path: str | Path, out_dir: str | Path,
-                extra_stats: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Process input shard ``index`` into ``out_dir``; returns the stats written to the commit marker."""
+                extra_stats: dict[str, Any] | None = None, table: TableRef | None = None) -> dict[str, Any]:
+        """Process input shard ``index`` into ``out_dir``; returns the stats written to the commit marker. A keyed
+        stage joins ``table`` (committed before its shards run)."""
         t0 = time.perf_counter()
         self.stage.take_counters()  # a shard that failed before on this worker left its counts behind
+        if self.stage.keyed():
+            if table is None:
+                raise ValueError(f"keyed stage {self.name} needs its table to process a shard")
+            self.stage.attach_table(TableFiles(table))
         records = read_records(in_path)
         out: list[Record] = []
         for start in range(0, len(records), self.batch_size):

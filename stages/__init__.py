@@ -11,7 +11,9 @@ from gmner_pipeline.stage import Stage
 STAGES: dict[str, str] = {
     "retrieve": "gmner_pipeline.stages.retrieve:RetrieveStage",
     "annotate": "gmner_pipeline.stages.annotate:AnnotateStage",
+    "knowledge": "gmner_pipeline.stages.knowledge:KnowledgeStage",
     "template_cot": "gmner_pipeline.stages.template_cot:TemplateCoTStage",
+    "distill": "gmner_pipeline.stages.distill:DistillStage",
     "passthrough": "gmner_pipeline.stages.passthrough:PassthroughStage",
 }
 

@@ -53,6 +53,100 @@ def ray_local():
     ray.shutdown()
 
 
+# --- real vLLM CPU servers, shared by every test file ------------------------------------------------------------------
+# A vLLM CPU server costs ~60-110 s to start and ~3 GB, and an idle one still takes CPU from a 2-core machine. So each
+# kind is started once per session, the tests that use it are run one after another (collection puts them together,
+# at the place of the first one), and it is stopped right after the last of them. Never two at a time.
+
+class SharedServer:
+    """A server started on first use and stopped by ``pytest_runtest_teardown`` after the last test using it."""
+
+    def __init__(self, start):
+        self._start = start
+        self.server = None
+
+    def get(self):
+        if self.server is None:
+            self.server = self._start()
+        return self.server
+
+    def stop(self):
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+def _start_tiny_vllm():
+    import json
+    import logging
+    import time
+
+    from support.tiny_vllm import NO_SPLIT_PREFILL, ensure_long_model, start_vllm
+
+    root = REPO_ROOT / ".cache" / "vllm"
+    t0 = time.perf_counter()
+    timings = ensure_long_model(root)
+    # 2048 tokens: room for the distill stage's prompts and re-asks (the 4096-position build of the tiny Qwen2).
+    server = start_vllm(root, max_model_len=2048, long=True, extra_args=NO_SPLIT_PREFILL)
+    timings.update(ready_s=server.started_s, fixture_total_s=time.perf_counter() - t0)
+    (root / "last-fixture-timings.json").write_text(json.dumps(timings, indent=1))
+    logging.getLogger(__name__).warning("vLLM fixture: %s", timings)
+    return server
+
+
+def _start_tiny_vllm_vl():
+    import logging
+    import time
+
+    from support.tiny_vllm import ensure_vllm_vl, start_vllm_vl
+
+    t0 = time.perf_counter()
+    timings = ensure_vllm_vl(REPO_ROOT / ".cache" / "vllm")
+    server = start_vllm_vl(REPO_ROOT / ".cache" / "vllm")
+    timings.update(ready_s=server.started_s, fixture_total_s=time.perf_counter() - t0)
+    logging.getLogger(__name__).warning("vLLM VL fixture: %s", timings)
+    return server
+
+
+SHARED_SERVERS = {"vllm_server": SharedServer(_start_tiny_vllm), "vllm_vl_server": SharedServer(_start_tiny_vllm_vl)}
+
+
+@pytest.fixture
+def vllm_server():
+    """The real vLLM OpenAI server with a tiny random Qwen2 (``tests/support/tiny_vllm.py``), max-model-len 2048."""
+    return SHARED_SERVERS["vllm_server"].get()
+
+
+@pytest.fixture
+def vllm_vl_server():
+    """The real vLLM OpenAI server with a tiny random Qwen2-VL (images over the OpenAI API)."""
+    return SHARED_SERVERS["vllm_vl_server"].get()
+
+
+def pytest_collection_modifyitems(items):
+    """Run the tests of each shared server one after another, where the first of them was collected."""
+    for name in SHARED_SERVERS:
+        users = [item for item in items if name in getattr(item, "fixturenames", ())]
+        if not users:
+            continue
+        first = items.index(users[0])
+        chosen = set(map(id, users))
+        rest = [item for item in items if id(item) not in chosen]
+        before = sum(1 for item in items[:first] if id(item) not in chosen)
+        items[:] = rest[:before] + users + rest[before:]
+
+
+def pytest_runtest_teardown(item, nextitem):
+    for name, shared in SHARED_SERVERS.items():
+        if name in getattr(item, "fixturenames", ()) and (
+                nextitem is None or name not in getattr(nextitem, "fixturenames", ())):
+            shared.stop()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for shared in SHARED_SERVERS.values():
+        shared.stop()
+
 # --- the trainer's tiny random-weight policies (built offline once per session, only by tests that ask) ------------
 
 @pytest.fixture(scope="session")

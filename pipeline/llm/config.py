@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..configbase import ConfigError, Strict
+from ..frames import ORIGINAL, FrameConfig
 from ..paths import user_cache_dir
 
 
@@ -115,6 +116,10 @@ class RoleConfig(Strict):
         None, description="model identity for the cache key (default: the endpoints' model name)")
     revision: str | None = Field(None, description="model revision (e.g. a hub commit); part of the cache key")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    frame: FrameConfig = Field(
+        default_factory=lambda: ORIGINAL, description="the coordinate frame the model reads and writes boxes in "
+        "(frames.py): original pixels, qwen2_5_vl (pixels of the smart_resize'd image), qwen2_vl (0-1000) or "
+        "normalized; every box sent to or read from this role is converted through it")
     n_mode: Literal["auto", "server", "seeds"] = Field(
         "auto", description="n > 1: 'server' sends n; 'seeds' sends n requests with distinct seeds; 'auto' sends n "
         "and tops up with seeded requests when the server returns fewer choices (llama.cpp ignores n)")

@@ -1,7 +1,10 @@
 """An in-process fake OpenAI chat server with scripted faults, for unit tests of the client and of LLM stages.
 
 It is deliberately dumb: it answers ``/v1/chat/completions`` with ``echo: <last user text>`` (n choices, logprobs when
-asked) unless a fault is scheduled. Faults are taken in order from ``server.faults`` (one per request), or from a
+asked) unless a fault is scheduled. A scripted model replaces the echo: ``reply(body)`` returns one text for every
+choice (or None for the echo); ``reply_fn(body, choice_index)`` returns a choice's text, or ``(text, finish_reason)``
+(e.g. a teacher that answers correctly in its own coordinate frame). Faults are taken in order from ``server.faults``
+(one per request), or from a
 ``fault_fn(body, index)`` that returns one. Real-server behaviour is covered by the integration tests (vLLM, llama.cpp).
 
     with FakeOpenAI() as srv:
@@ -67,12 +70,15 @@ class Seen:
 class FakeOpenAI:
     def __init__(self, model: str = "fake-model", *, honor_n: bool = True, delay_s: float = 0.0,
                  fault_fn: Callable[[dict[str, Any], int], Fault | None] | None = None,
-                 completion_tokens: int = 3):
+                 completion_tokens: int = 3, reply: Callable[[dict[str, Any]], str | None] | None = None,
+                 reply_fn: Callable[[dict[str, Any], int], str | tuple[str, str]] | None = None):
         self.model = model
         self.honor_n = honor_n
         self.delay_s = delay_s
         self.fault_fn = fault_fn
         self.completion_tokens = completion_tokens
+        self.reply = reply
+        self.reply_fn = reply_fn
         self.faults: list[Fault] = []
         self.seen: list[Seen] = []
         self._lock = threading.Lock()
@@ -150,9 +156,17 @@ class FakeOpenAI:
         n = int(body.get("n") or 1) if self.honor_n else 1
         seed = body.get("seed")
         choices = []
+        scripted = self.reply(body) if self.reply else None
         for i in range(n):
-            text = f"echo: {last}" + (f" #{i}" if n > 1 else "") + (f" seed={seed}" if seed is not None else "")
-            choice: dict[str, Any] = {"index": i, "finish_reason": "stop",
+            finish = "stop"
+            if self.reply_fn is not None:
+                reply = self.reply_fn(body, i)
+                text, finish = (reply, "stop") if isinstance(reply, str) else reply
+            elif scripted is not None:
+                text = scripted
+            else:
+                text = f"echo: {last}" + (f" #{i}" if n > 1 else "") + (f" seed={seed}" if seed is not None else "")
+            choice: dict[str, Any] = {"index": i, "finish_reason": finish,
                                       "message": {"role": "assistant", "content": text}}
             if body.get("logprobs"):
                 k = int(body.get("top_logprobs") or 0)

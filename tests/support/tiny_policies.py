@@ -35,7 +35,8 @@ def _corpus() -> list[str]:
     lines += ["<think>The tweet mentions Alice Smith, a person, who is visible.</think>"
               "<answer>Alice Smith|PER|[10,5,50,70]; Paris|LOC|None</answer>"] * 20
     lines += [" ".join(str(i) for i in range(1000)), "[0,0,0,0] [12,34,56,78] ; | None PER LOC ORG OTHER"]
-    for name in ("template_cot/common.yaml", "template_cot/entity_first.yaml", "template_cot/constraint_first.yaml"):
+    for name in ("distill/template/common.yaml", "distill/template/entity_first.yaml",
+                 "distill/template/constraint_first.yaml"):
         try:
             lines += [load_text(name)] * 5  # the template chains' phrases, so the tests' targets stay short
         except FileNotFoundError:

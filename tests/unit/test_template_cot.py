@@ -197,7 +197,7 @@ def test_check_chain_names_the_problem():
 
 def test_inconsistent_chain_is_flagged_not_raised(monkeypatch):
     # simulate a formatting bug: the stage must record it on the chain, keep the record and go on
-    import gmner_pipeline.stages.template_cot as mod
+    import gmner_pipeline.stages.distill.template as mod
 
     monkeypatch.setattr(mod, "format_answer", lambda triples: "None")
     out = run_stage([tweet()])[0]
@@ -271,15 +271,16 @@ def test_fine_type_is_mentioned_in_the_type_step_only_when_known():
 
 
 def test_stage_key_covers_the_template_files(monkeypatch):
-    import gmner_pipeline.stages.template_cot as mod
+    import gmner_pipeline.stages.distill.template as mod
 
     config = TemplateCoTConfig()
     payload = config.key_payload()
     assert payload["template_hash"] and "resources" not in payload
     assert TemplateCoTConfig(routes=["entity_first"]).key_payload()["template_hash"] != payload["template_hash"]
+    before = run_stage([tweet()])[0]["lineage"][-1]["prompt_hash"]
     monkeypatch.setattr(mod, "prompt_hash", lambda *names: "edited")
     assert config.key_payload()["template_hash"] == "edited"
-    assert run_stage([tweet()])[0]["lineage"][-1]["prompt_hash"] == "edited"
+    assert run_stage([tweet()])[0]["lineage"][-1]["prompt_hash"] != before
 
 
 def test_cot_split_comes_from_the_split_owner_for_train_records_only():
@@ -310,3 +311,13 @@ def test_the_dataset_section_keys_the_stages_that_write_the_split(tmp_path):
     base = keys()
     moved = keys("dataset.d1_fraction=0.3")
     assert moved[0] == base[0] and moved[1] != base[1]  # passthrough writes no cot: reused
+
+
+def test_the_pure_function_writes_what_the_stage_writes():
+    from gmner_pipeline.stages.template_cot import template_cot
+
+    dev = {**tweet("d"), "id": "test/dev/d", "split": "dev"}
+    staged = {r["id"]: r["cot"] for r in run_stage([tweet("1"), dev], seed=3)}
+    for rec in (tweet("1"), dev):
+        assert template_cot(copy.deepcopy(rec), TemplateCoTConfig(), run_seed=3)["cot"] == staged[rec["id"]]
+    assert staged["test/dev/d"]["chains"] == [] and staged["test/dev/d"]["skipped"] == "not_training_split"

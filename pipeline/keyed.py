@@ -1,0 +1,215 @@
+"""Keyed tables: values a stage computes once per key over its WHOLE input, then joins to every record that needs them.
+
+Some work belongs to a key, not to a record: the knowledge stage asks its LLMs about an entity once, however many
+tweets mention it. The one-shard-in, one-shard-out model cannot express that (two actors would ask about the same
+entity at the same time, and which tweet gives the context would depend on the sharding), so a stage can opt in to a
+**keyed table** (``Stage.table_keys`` + ``Stage.build_table`` / ``abuild_table``, docs/writing-a-stage.md):
+
+1. **Table pass.** Once every input shard of the stage is committed, the scheduler runs ``units`` table tasks on the
+   stage's own workers. Unit ``u`` reads the stage's input, asks ``table_keys(record)`` of every active record, keeps
+   the keys with ``unit_of(key) == u`` and, per key, the occurrence with the lowest ``(rank, record id, position)``:
+   a choice that depends on the input only, never on shard order, shard size or pool size. It hands those
+   ``{key: item}`` to the stage, writes ``{key: value}`` to ``unit-<u>.parquet`` (sorted by key) and commits it with
+   ``unit-<u>.done.json`` (its stats, counters included), exactly like a shard.
+2. **Shard pass.** Then the stage's shards run as usual; before each batch the framework looks up the batch's keys
+   (``TableFiles.lookup``, reading only the units those keys live in) and hands them to the stage as ``self.table``.
+
+Guarantees: each key is computed by exactly one committed unit (a unit redone after a crash replaces its file; the
+LLM request cache answers what it had already asked), so the calls are one per key however the input is sharded and
+however many actors run; a rerun finds every unit and shard committed and computes nothing. The table is valid only
+for the input it was built from: ``_table.json`` records the units and a fingerprint of the input's commit markers,
+and when the input changed (an upstream shard recomputed), the table and every committed shard of the stage are
+voided and rebuilt. The price is a barrier: a keyed stage starts its shards only when its whole input is there (the
+stages before it still pipeline), and an upstream shard that fails for good fails the keyed stage for that run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .atomic import atomic_open
+from .shards import read_json, read_markers, write_json_atomic
+
+TABLE_DIR = "_table"
+TABLE_MANIFEST = "_table.json"
+TABLE_SCHEMA = pa.schema([("key", pa.string()), ("value", pa.string())])  # value: JSON text
+ROW_GROUP = 2048  # rows per Parquet row group: a lookup reads only the groups whose key range can hold its keys
+
+
+@dataclass(frozen=True)
+class TableKey:
+    """One thing a record needs from the keyed table.
+
+    ``key``: what is computed once (the knowledge stage: entity text and type). ``item``: what to compute it from
+    (JSON-able; the stage's ``build_table`` receives it). ``rank``: among the occurrences of a key, the one with the
+    lowest ``(rank, record id, position in the record)`` is the one whose item is used."""
+
+    key: str
+    item: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class TableRef:
+    """Where a keyed stage's table lives and into how many units it is cut."""
+
+    dir: str
+    units: int
+
+
+def table_dir(stage_dir: str | Path) -> Path:
+    return Path(stage_dir) / TABLE_DIR
+
+
+def unit_of(key: str, units: int) -> int:
+    """The unit a key belongs to: a stable hash (never Python's salted ``hash``), the same on every machine."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "big") % units
+
+
+def unit_name(unit: int) -> str:
+    return f"unit-{unit:05d}"
+
+
+def unit_path(tdir: str | Path, unit: int) -> Path:
+    return Path(tdir) / f"{unit_name(unit)}.parquet"
+
+
+def unit_marker_path(tdir: str | Path, unit: int) -> Path:
+    return Path(tdir) / f"{unit_name(unit)}.done.json"
+
+
+def committed_units(tdir: str | Path, units: int) -> set[int]:
+    return {u for u in range(units) if unit_marker_path(tdir, u).is_file() and unit_path(tdir, u).is_file()}
+
+
+def read_unit_markers(tdir: str | Path) -> dict[int, dict[str, Any]]:
+    """The commit markers (stats) of the committed units of a table folder."""
+    out = {}
+    tdir = Path(tdir)
+    if not tdir.is_dir():
+        return out
+    for p in sorted(tdir.glob("unit-*.done.json")):
+        unit = int(p.name.split(".")[0].split("-")[1])
+        if not unit_path(tdir, unit).is_file():
+            continue
+        try:
+            out[unit] = read_json(p)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+# --- the table pass (pure, then files) ------------------------------------------------------------------------------
+
+def collect_items(keys_of: Callable[[dict[str, Any]], Iterable[TableKey]], records: Iterable[dict[str, Any]],
+                  unit: int | None = None, units: int = 1) -> dict[str, dict[str, Any]]:
+    """``{key: item}`` for the keys of ``records`` (only those of ``unit`` when given), each key's item taken from its
+    occurrence with the lowest ``(rank, record id, position)``; sorted by key. The result does not depend on the
+    order in which the records come."""
+    best: dict[str, tuple[tuple[int, str, int], dict[str, Any]]] = {}
+    for record in records:
+        for pos, tk in enumerate(keys_of(record)):
+            if unit is not None and unit_of(tk.key, units) != unit:
+                continue
+            order = (tk.rank, str(record.get("id")), pos)
+            if tk.key not in best or order < best[tk.key][0]:
+                best[tk.key] = (order, tk.item)
+    return {k: best[k][1] for k in sorted(best)}
+
+
+def write_unit(tdir: str | Path, unit: int, values: Mapping[str, Any]) -> int:
+    """Write a unit's ``{key: value}`` (values as JSON text, rows sorted by key) atomically; returns the row count."""
+    keys = sorted(values)
+    table = pa.table({"key": keys, "value": [json.dumps(values[k], sort_keys=True, ensure_ascii=False)
+                                             for k in keys]}, schema=TABLE_SCHEMA)
+    with atomic_open(unit_path(tdir, unit), "wb", durable=True) as fh:
+        pq.write_table(table, fh, compression="zstd", row_group_size=ROW_GROUP)
+    return table.num_rows
+
+
+def commit_unit(tdir: str | Path, unit: int, stats: dict[str, Any]) -> None:
+    write_json_atomic(unit_marker_path(tdir, unit), stats)
+
+
+class TableFiles:
+    """A committed table, looked up by key: only the units that hold the asked keys are read, and in each only the
+    row groups whose key range can contain them."""
+
+    def __init__(self, ref: TableRef):
+        self.ref = ref
+
+    def lookup(self, keys: Iterable[str]) -> dict[str, Any]:
+        by_unit: dict[int, list[str]] = {}
+        for key in set(keys):
+            by_unit.setdefault(unit_of(key, self.ref.units), []).append(key)
+        out: dict[str, Any] = {}
+        for unit, wanted in sorted(by_unit.items()):
+            path = unit_path(self.ref.dir, unit)
+            if not unit_marker_path(self.ref.dir, unit).is_file():
+                raise FileNotFoundError(f"keyed table unit {unit} is not committed in {self.ref.dir}: the table pass "
+                                        "must finish before the shards run (rerun the command)")
+            table = pq.read_table(path, filters=[("key", "in", wanted)])
+            for key, value in zip(table.column("key").to_pylist(), table.column("value").to_pylist()):
+                out[key] = json.loads(value)
+        return out
+
+
+class InMemoryTable:
+    """A table held in memory (``gmner_pipeline.testing.run_stage`` builds one)."""
+
+    def __init__(self, values: Mapping[str, Any]):
+        self.values = dict(values)
+
+    def lookup(self, keys: Iterable[str]) -> dict[str, Any]:
+        return {k: self.values[k] for k in set(keys) if k in self.values}
+
+
+# --- validity: the input a table was built from ---------------------------------------------------------------------
+
+def input_fingerprint(input_dir: str | Path, num_shards: int) -> str:
+    """A fingerprint of a stage's input: per shard, what its commit marker says about the write that produced it. A
+    shard recomputed upstream gets a new marker, so the fingerprint changes and the table is rebuilt."""
+    markers = read_markers(input_dir)
+    h = hashlib.sha256()
+    for i in range(num_shards):
+        m = markers.get(i) or {}
+        h.update(json.dumps([i, m.get("run_id"), m.get("finished_at"), m.get("records_in"), m.get("stage_key")],
+                            default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def read_manifest(tdir: str | Path) -> dict[str, Any] | None:
+    try:
+        return read_json(Path(tdir) / TABLE_MANIFEST)
+    except (OSError, ValueError):
+        return None
+
+
+def write_manifest(tdir: str | Path, units: int, fingerprint: str) -> None:
+    Path(tdir).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(tdir) / TABLE_MANIFEST, {"units": units, "input": fingerprint})
+
+
+def void_table(tdir: str | Path) -> None:
+    """Remove a table: the manifest and the markers first (so a crash in between leaves uncommitted files), then
+    the unit files."""
+    tdir = Path(tdir)
+    if not tdir.is_dir():
+        return
+    (tdir / TABLE_MANIFEST).unlink(missing_ok=True)
+    for p in tdir.glob("unit-*.done.json"):
+        p.unlink(missing_ok=True)
+    for p in tdir.glob("unit-*.parquet"):
+        p.unlink(missing_ok=True)
+
+
+__all__ = ["InMemoryTable", "TABLE_DIR", "TableFiles", "TableKey", "TableRef", "collect_items", "commit_unit",
+           "committed_units", "input_fingerprint", "read_manifest", "read_unit_markers", "table_dir",
+           "unit_of", "void_table", "write_manifest", "write_unit"]
