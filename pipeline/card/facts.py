@@ -187,8 +187,8 @@ class Tally:
         self.chains[key] += 1
         if ch.get("consistent"):
             self.consistent[key] += 1
-        elif ch.get("rejection"):
-            self.rejections[(*key, ch["rejection"])] += 1
+        elif ch.get("rejection"):  # "code: detail for humans" (distill): counted by its code
+            self.rejections[(*key, ch["rejection"].split(":", 1)[0].strip())] += 1
         if ch.get("prompt_tokens") is not None or ch.get("completion_tokens") is not None:
             self.chain_calls.append((key[1], int(ch.get("prompt_tokens") or 0), int(ch.get("completion_tokens") or 0)))
 

@@ -13,7 +13,7 @@ def _record(i, split="D2"):
     chains = [
         {"style": "template", "model_id": None, "consistent": True},
         {"style": "llm", "model_id": "qwen72b", "consistent": i % 2 == 0, "rejection": None if i % 2 == 0 else
-         "wrong_box", "prompt_tokens": 100, "completion_tokens": 50},
+         "wrong_box: missing ['Paris|LOC']", "prompt_tokens": 100, "completion_tokens": 50},
     ]
     knowledge = [{"entity": "Paris", "type": "LOC", "status": "ok", "cache_key": f"k{i % 2}",
                   "tokens": [{"role": "gen_a", "model_id": "a", "prompt_tokens": 10, "completion_tokens": 5},
