@@ -130,6 +130,12 @@ def run_command(
     on_progress(result.stages)
     progress.stop()
     console.print(summary_table(result))
+    if result.dataset is not None:
+        console.print("dataset: " + ", ".join(f"{k} {v}" for k, v in result.dataset.items())
+                      + f" -> {result.plan.output_dir / 'dataset'}")
+    for name, entry in result.reports.items():
+        console.print(f"{name}: {entry.get('summary', '')}" + (f" -> {entry['report']}" if entry.get("report") else ""),
+                      highlight=False)
     console.print(f"output: {result.plan.final_dir}")
     console.print(f"inspect: gmner-pipeline status {cfg.run.output_dir}   |   "
                   f"gmner-pipeline show {cfg.run.output_dir} <record id>")

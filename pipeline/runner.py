@@ -101,6 +101,24 @@ def publish(plan: RunPlan, config: RunConfig, run_id: str, ok: bool) -> dict[str
                            run_id=run_id)
 
 
+def after_run(plan: RunPlan, progress: dict[str, StageProgress]) -> dict[str, dict[str, Any]]:
+    """Each stage's end-of-run entry (``Stage.after_run``: its reports), for the stages whose shards all committed. A
+    report that fails is logged and noted in the summary; the committed data stands either way."""
+    entries: dict[str, dict[str, Any]] = {}
+    for s in plan.stages:
+        sp = progress.get(s.name)
+        if sp is None or sp.failed or sp.done < sp.total:
+            continue
+        try:
+            entry = s.cls.after_run(s.config, s.dir, plan.output_dir)
+        except Exception as exc:  # noqa: BLE001 - a report must not hide a finished run's data
+            log.exception("stage %s: its end-of-run report failed", s.name)
+            entry = {"summary": f"end-of-run report failed: {type(exc).__name__}: {exc}"}
+        if entry is not None:
+            entries[s.name] = entry
+    return entries
+
+
 def run(config: RunConfig, stages: list[str] | None = None,
         on_progress: Callable[[dict[str, StageProgress]], None] | None = None,
         on_plan: Callable[[RunPlan, dict[str, Any]], None] | None = None) -> RunResult:
@@ -124,10 +142,9 @@ def run(config: RunConfig, stages: list[str] | None = None,
             contexts = stage_contexts(plan, config, run_id, llm)
             progress = execute(plan, config, ingest["num_shards"], contexts, on_progress)
         dataset = publish(plan, config, run_id, ok=not any(sp.failed for sp in progress.values()))
-        result = RunResult(run_id, plan, progress, ingest, time.perf_counter() - t0)
+        reports = after_run(plan, progress)
+        result = RunResult(run_id, plan, progress, ingest, time.perf_counter() - t0, dataset, reports)
         summary = run_summary(result)
-        if dataset is not None:
-            summary["dataset"] = dataset
         write_json_atomic(out / "runs" / run_id / "summary.json", summary)
         write_json_atomic(out / "latest.json", summary)
         if config.card.enabled and result.ok:

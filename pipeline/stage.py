@@ -10,6 +10,7 @@ decisions) plus one small ``Stage`` subclass:
 * ``preflight(config)`` (classmethod, in the driver, before the run): raise ``StageSetupError`` saying what to do.
 * ``llm_roles(config)`` (classmethod): the LLM roles it calls; the runner makes each one reachable.
 * ``setup()``: load models, open clients; once per worker process. ``close()``: release them (safe without setup).
+* ``after_run(config, stage_dir, output_dir)`` (classmethod, in the driver, after the run): stage-level reports.
 * ``process(records)`` or ``async aprocess(records)``: work on the records it is handed and return them (same ids).
 * optional, a **keyed table** (``keyed.py``): ``table_keys(record)`` names what a record needs that belongs to a key
   rather than to the record (an entity's knowledge); ``build_table(items)`` / ``async abuild_table(items)`` computes
@@ -30,6 +31,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Iterable
 
 from pydantic import Field
@@ -136,6 +138,13 @@ class Stage:
     def reads_for(cls, config: StageConfig) -> frozenset[str]:
         """The column groups this config reads (default ``reads``); override when it depends on the config."""
         return cls.reads
+
+    @classmethod
+    def after_run(cls, config: StageConfig, stage_dir: Path, output_dir: Path) -> dict[str, Any] | None:
+        """In the driver, once per run, when every shard of this stage is committed (reused ones too): write
+        stage-level reports from the committed shards under ``output_dir`` and return a small JSON-able entry for the
+        end-of-run summary (its ``"summary"`` string is printed), or None (the default: nothing to report)."""
+        return None
 
     def accepts(self, record: Record) -> bool:
         """Among the records whose status is ok, the ones this stage works on (default: all). The others pass

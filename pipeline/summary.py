@@ -41,6 +41,8 @@ class RunResult:
     stages: dict[str, StageProgress]
     ingest: dict[str, Any]
     seconds: float
+    dataset: dict[str, int] | None = None  # records per published split (publish), when the run published
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # per stage: its Stage.after_run entry
 
     @property
     def failed(self) -> list[tuple[str, int, str]]:
@@ -67,6 +69,8 @@ def run_summary(result: RunResult) -> dict[str, Any]:
                           "failed": sp.failed, **({"table_units": [sp.units_done, sp.units_total]}
                                                    if sp.units_total else {})}
                    for name, sp in result.stages.items()},
+        **({"dataset": result.dataset} if result.dataset is not None else {}),
+        **({"reports": result.reports} if result.reports else {}),
     }
 
 

@@ -14,6 +14,7 @@ STAGES: dict[str, str] = {
     "knowledge": "gmner_pipeline.stages.knowledge:KnowledgeStage",
     "template_cot": "gmner_pipeline.stages.template_cot:TemplateCoTStage",
     "distill": "gmner_pipeline.stages.distill:DistillStage",
+    "grpo_filter": "gmner_pipeline.stages.grpo_filter:GrpoFilterStage",
     "passthrough": "gmner_pipeline.stages.passthrough:PassthroughStage",
 }
 

@@ -81,13 +81,15 @@ def _start_tiny_vllm():
     import logging
     import time
 
-    from support.tiny_vllm import NO_SPLIT_PREFILL, ensure_long_model, start_vllm
+    from support.tiny_vllm import NO_SPLIT_PREFILL, ensure_long_model, ensure_lora_adapter, start_vllm
 
     root = REPO_ROOT / ".cache" / "vllm"
     t0 = time.perf_counter()
     timings = ensure_long_model(root)
     # 2048 tokens: room for the distill stage's prompts and re-asks (the 4096-position build of the tiny Qwen2).
-    server = start_vllm(root, max_model_len=2048, long=True, extra_args=NO_SPLIT_PREFILL)
+    adapter = ensure_lora_adapter(root)  # a random LoRA served as "policy" (grpo_filter's served policy), with peft
+    server = start_vllm(root, max_model_len=2048, long=True, extra_args=NO_SPLIT_PREFILL,
+                        lora={"policy": adapter} if adapter else None)
     timings.update(ready_s=server.started_s, fixture_total_s=time.perf_counter() - t0)
     (root / "last-fixture-timings.json").write_text(json.dumps(timings, indent=1))
     logging.getLogger(__name__).warning("vLLM fixture: %s", timings)

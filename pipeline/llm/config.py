@@ -115,6 +115,10 @@ class RoleConfig(Strict):
     model_id: str | None = Field(
         None, description="model identity for the cache key (default: the endpoints' model name)")
     revision: str | None = Field(None, description="model revision (e.g. a hub commit); part of the cache key")
+    adapter: str | None = Field(
+        None, description="served roles: the LoRA adapter folder the server applies for this model name (vLLM "
+        "--lora-modules NAME=DIR), as this machine sees it; its content hash joins the identity, so a new adapter "
+        "is a new model for the cache and the stage keys, and stages read its gmner_policy.json")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     frame: FrameConfig = Field(
         default_factory=lambda: ORIGINAL, description="the coordinate frame the model reads and writes boxes in "
@@ -136,6 +140,8 @@ class RoleConfig(Strict):
                              f"shared identity if the servers merely name it differently")
         if self.local is not None and self.endpoints:
             raise ValueError("a role is either served (endpoints) or run in-process (local), not both")
+        if self.adapter is not None and self.local is not None:
+            raise ValueError("adapter names the adapter a server applies; a local policy sets local.adapter instead")
         return self
 
 

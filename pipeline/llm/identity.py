@@ -2,7 +2,8 @@
 
 ``role_identity(role, llm)`` is, by the kind of role:
 
-* **served** (``endpoints``, or an explicit ``model_id``): ``<model_id or the endpoints' model>[@<revision>]``.
+* **served** (``endpoints``, or an explicit ``model_id``): ``<model_id or the endpoints' model>[@<revision>]``, plus
+  ``+adapter:<sha256 of the adapter folder, 12 hex>`` when ``adapter`` names the LoRA adapter the server applies.
   Endpoint URLs are not part of it: other replicas of the same model reuse outputs and cached answers.
 * **embedded** (no endpoints, no ``local``: the pipeline's own llama.cpp server): ``<model_id or
   embedded.model_name>@<sha256 of the GGUF file, 12 hex>``, so pointing ``llm.embedded.model_path`` at another file
@@ -39,7 +40,8 @@ def role_identity(role: RoleConfig, llm: LLMConfig | None = None) -> str:
         return local_identity(role.local)  # type: ignore[arg-type]
     if kind == "served":  # a resolved embedded role is served too, with its identity as model_id
         base = role.model_id or role.endpoints[0].model
-        return f"{base}@{role.revision}" if role.revision else base
+        base = f"{base}@{role.revision}" if role.revision else base
+        return base + adapter_suffix(role.adapter) if role.adapter else base
     return embedded_identity(role, llm or LLMConfig())
 
 
@@ -60,13 +62,16 @@ def local_identity(local: LocalPolicyConfig) -> str:
     base = Path(local.base_model).expanduser()
     revision = local.revision or (dir_sha256(base)[:DIGEST_CHARS] if base.exists() else None)
     identity = f"local:{local.base_model}" + (f"@{revision}" if revision else "")
-    if local.adapter:
-        adapter = Path(local.adapter).expanduser()
-        if not adapter.exists():
-            raise LLMConfigError(f"local policy adapter {adapter} does not exist: train it first (gmner-pipeline "
-                                 "train), or fix local.adapter")
-        identity += f"+adapter:{dir_sha256(adapter)[:DIGEST_CHARS]}"
-    return identity
+    return identity + adapter_suffix(local.adapter) if local.adapter else identity
+
+
+def adapter_suffix(adapter: str) -> str:
+    """``+adapter:<sha256 of the folder, 12 hex>``: the part of an identity that names a LoRA adapter."""
+    path = Path(adapter).expanduser()
+    if not path.exists():
+        raise LLMConfigError(f"policy adapter {path} does not exist: train it first (gmner-pipeline train), or fix "
+                             "the role's adapter path (llm.roles.<role>.adapter or .local.adapter)")
+    return f"+adapter:{dir_sha256(path)[:DIGEST_CHARS]}"
 
 
 def resolved_local(local: LocalPolicyConfig) -> LocalPolicyConfig:

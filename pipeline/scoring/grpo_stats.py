@@ -22,6 +22,9 @@ from .config import GrpoFilterConfig
 log = logging.getLogger(__name__)
 
 RULES = ("low_std", "low_max", "median_below", "median_above")
+# The bounds are inclusive, but rewards are weighted sums (0.2 + 0.2 + 0.2 = 0.6000000000000001) and shards store them
+# as float32 (0.6 -> 0.6000000238): a statistic within this of a bound counts as on it, so a median of "0.6" is kept.
+TOLERANCE = 1e-6
 STATS = ("mean", "std", "max", "median")
 
 
@@ -50,10 +53,10 @@ def group_stats(rewards: Sequence[float | None], config: GrpoFilterConfig | None
     mean, std = float(values.mean()), float(values.std(ddof=ddof))
     top, median = float(values.max()), float(np.median(values))
     failed = tuple(rule for rule, bad in (
-        ("low_std", std < config.min_std),
-        ("low_max", top < config.min_max),
-        ("median_below", median < config.median_low),
-        ("median_above", median > config.median_high),
+        ("low_std", std < config.min_std - TOLERANCE),
+        ("low_max", top < config.min_max - TOLERANCE),
+        ("median_below", median < config.median_low - TOLERANCE),
+        ("median_above", median > config.median_high + TOLERANCE),
     ) if bad)
     return GroupStats(mean, std, top, median, len(values), not failed, failed[0] if failed else None, failed)
 
@@ -68,9 +71,11 @@ def grpo_column(responses: Sequence[str], rewards: Sequence[float | None], polic
 
 
 def stats_from_records(records: Iterable[dict[str, Any]], config: GrpoFilterConfig | None = None) -> list[GroupStats]:
-    """Recompute every item's statistics from the rewards stored in its ``grpo`` column (records without one are
-    skipped), so that a report can be redrawn, or the thresholds tried out, without sampling again."""
-    return [group_stats(rec["grpo"].get("rewards") or [], config) for rec in records if rec.get("grpo")]
+    """Recompute every item's statistics from the rewards stored in its ``grpo`` column, so that a report can be
+    redrawn, or the thresholds tried out, without sampling again. Records without one are skipped, and so are error
+    records (a group whose sampling failed is kept in its record for inspection, but is not a filter decision)."""
+    return [group_stats(rec["grpo"].get("rewards") or [], config) for rec in records
+            if rec.get("grpo") and rec.get("status", "ok") == "ok"]
 
 
 def filter_report(stats: Iterable[GroupStats], config: GrpoFilterConfig | None = None) -> dict[str, Any]:

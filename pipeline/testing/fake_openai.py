@@ -110,10 +110,11 @@ class FakeOpenAI:
     def stop(self) -> None:
         """Die like a crashed replica: stop listening (new connections are refused) and cut open connections."""
         self.dead = True
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        with self._lock:  # a test may stop a replica from a thread while its fixture stops it too
+            server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
         with self._lock:
             conns, self._connections = list(self._connections), set()
         for conn in conns:

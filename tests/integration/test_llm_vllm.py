@@ -21,10 +21,12 @@ from gmner_pipeline.llm.process import free_port
 from gmner_pipeline.llm.request import BAD_REQUEST, LLMRequest
 from gmner_pipeline.llm.images import user_message
 from gmner_pipeline.schema import empty_record
+from gmner_pipeline.stages.grpo_filter import GrpoFilterStage
 from gmner_pipeline.stages.knowledge import KnowledgeStage
 from gmner_pipeline.stages.knowledge.ontology import FMNERG
 from gmner_pipeline.testing import run_stage
-from support.tiny_vllm import MODEL_NAME
+from support.grpo import d2_record
+from support.tiny_vllm import LORA_NAME, MODEL_NAME
 
 # the first test pays for the vLLM build (minutes on a fresh machine): allow it whatever the global timeout
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # ``vllm_server`` is the session's shared server (tests/conftest.py: started once, stopped after the last test that
 # uses it; the tests that use it run one after another).
+# It also serves a random LoRA adapter on top of the tiny model as "policy" (grpo_filter's served policy).
+POLICY = "policy"
 
 
 def vllm_config(server, tmp_path: Path, **role_kw) -> LLMConfig:
@@ -143,3 +147,38 @@ def test_vllm_enforces_json_schema_for_the_knowledge_stage(vllm_server, tmp_path
     # the voter answered with its schema for every entity, and was read; what the weights made up was rejected
     assert not any(k.startswith(("entity_failed", "generator_failed")) for k in counters), counters
     assert out[0]["lineage"][-1]["prompt_tokens"] > 0
+
+
+@pytest.fixture
+def policy_adapter(vllm_server) -> Path:
+    adapter = Path(__file__).resolve().parents[2] / ".cache" / "vllm" / LORA_NAME  # built before the server started
+    if not (adapter / "adapter_config.json").is_file():
+        pytest.skip("peft is not installed: the server runs without a LoRA adapter")
+    return adapter
+
+
+def test_vllm_serves_the_sft_lora_adapter_to_grpo_filter(vllm_server, policy_adapter, tmp_path):
+    records = [d2_record(f"#{i}") for i in range(3)]
+    llm = {"roles": {"policy": {"endpoints": [{"base_url": vllm_server.base_url, "model": POLICY,
+                                               "max_concurrency": 8}], "adapter": str(policy_adapter)}},
+           "cache": {"path": str(tmp_path / "cache.sqlite")}}
+    config = {"samples": 4, "max_tokens": 16, "prompt": {"image": False}}
+    out = run_stage(GrpoFilterStage, records, config=config, llm=llm)
+    identity = out[0]["lineage"][-1]["model_ids"][0]
+    assert identity.startswith("policy+adapter:")  # the adapter's content hash names the policy
+    for rec in out:
+        g = rec["grpo"]
+        assert rec["status"] == "ok" and len(g["responses"]) == 4 and all(isinstance(t, str) for t in g["responses"])
+        assert len(set(g["responses"])) > 1  # temperature 1.5, top-k 200 through the extra body: 4 distinct samples
+        assert g["rewards"] == [0.0] * 4 and (g["keep"], g["reason"]) == (False, "low_std")  # random weights
+        assert rec["lineage"][-1]["completion_tokens"] > 0 and rec["lineage"][-1]["prompt_tokens"] > 600
+    # one request per record (vLLM honours n), and the adapter is really applied: greedy answers differ from the base
+    role = RoleConfig(endpoints=[EndpointConfig(base_url=vllm_server.base_url, model=POLICY)],
+                      sampling=SamplingConfig(max_tokens=12), retry=RetryConfig(max_total_s=60))
+    base = role.model_copy(update={"endpoints": [EndpointConfig(base_url=vllm_server.base_url, model=MODEL_NAME)]})
+    with LLMClient(role) as with_lora, LLMClient(base) as without:
+        group = with_lora.complete(ask("Name the entity in: Obama visits Paris", seed=0, n=4, temperature=1.0))
+        a = with_lora.complete(ask("Name the entity in: Obama visits Paris"))  # greedy
+        b = without.complete(ask("Name the entity in: Obama visits Paris"))
+    assert group.ok and group.attempts == 1 and len(group.choices) == 4
+    assert a.ok and b.ok and a.text != b.text

@@ -9,7 +9,10 @@ Nothing here is downloaded from a model hub. ``ensure_vllm(root)`` builds, once,
 * ``tiny-qwen2/``: a 2-layer, hidden-128 Qwen2 with random weights, a byte-level BPE tokenizer trained locally and a
   ChatML chat template. Its answers are noise, but every byte of the OpenAI protocol is the real server's.
 
-``start_vllm(root)`` then serves it on a free localhost port and returns a ``ServerProcess``.
+``start_vllm(root)`` then serves it on a free localhost port and returns a ``ServerProcess``. With
+``lora={"policy": ensure_lora_adapter(root)}`` it also serves a random PEFT LoRA adapter on top of the tiny model under
+the name ``policy`` (``--enable-lora``), the way grpo_filter's served policy runs; requests for ``tiny-qwen2`` still
+get the base model.
 
 ``ensure_vllm_vl(root)`` / ``start_vllm_vl(root)`` do the same for a tiny random **Qwen2-VL** (a vision tower of one
 block, the processor's image budget 4..64 patches of 28 px), so that tests send real images over the OpenAI API to a
@@ -24,6 +27,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -38,6 +42,8 @@ TORCH_REQUIREMENT = "torch==2.13.0+cpu"
 MODEL_NAME = "tiny-qwen2"
 LONG_MODEL_DIR = "tiny-qwen2-4k"  # the same model with 4096 positions (served under MODEL_NAME): room for long prompts
 VL_MODEL_NAME = "tiny-qwen2-vl"
+LORA_NAME = "tiny-qwen2-lora"
+LORA_RANK = 8
 _BUILD_MARK = ".built-v1"
 # On the CPU build, a seeded request whose prompt is split across engine steps (chunked prefill) kills the engine
 # ("CPU Generator does not use offset"), and every distill request is seeded; disabling chunked prefill instead makes
@@ -236,6 +242,34 @@ def _build(root: Path) -> dict[str, float]:
     return timings
 
 
+def ensure_lora_adapter(root: str | Path) -> Path | None:
+    """A random PEFT LoRA adapter (rank 8 on q_proj/v_proj, non-zero B so it changes the outputs) for the tiny model,
+    built once under ``root`` with this interpreter's peft; None when peft is not installed (the train extra)."""
+    root = Path(root).resolve()
+    out = root / LORA_NAME
+    if (out / "adapter_config.json").is_file():
+        return out
+    try:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        log.warning("peft/transformers not installed: the vLLM test server runs without a LoRA adapter")
+        return None
+    with (root / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "adapter_config.json").is_file():
+            torch.manual_seed(0)
+            base = AutoModelForCausalLM.from_pretrained(model_dir(root), dtype=torch.float32)
+            config = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["q_proj", "v_proj"],
+                                init_lora_weights=False)
+            tmp = root / f".{LORA_NAME}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            get_peft_model(base, config).save_pretrained(tmp)
+            tmp.rename(out)
+    return out
+
+
 def ensure_long_model(root: str | Path) -> dict[str, float]:
     """``ensure_vllm`` plus the tiny Qwen2 with 4096 positions under ``root/tiny-qwen2-4k`` (its RoPE tables end at
     the model's positions: the CPU kernels fail past them, so a longer max-model-len needs this model)."""
@@ -272,12 +306,18 @@ def ensure_vllm_vl(root: str | Path) -> dict[str, float]:
 
 
 def start_vllm(root: str | Path, *, port: int | None = None, ready_timeout: float = 300.0,
-               extra_args: list[str] | None = None, max_model_len: int = 256, long: bool = False) -> ServerProcess:
+               extra_args: list[str] | None = None, max_model_len: int = 256, long: bool = False,
+               lora: dict[str, Path] | None = None) -> ServerProcess:
     """Serve the tiny model with the real vLLM OpenAI server on localhost; returns once ``/v1/models`` answers.
-    ``long``: the 4096-position build (``ensure_long_model``), for a ``max_model_len`` above 512."""
+    ``long``: the 4096-position build (``ensure_long_model``), for a ``max_model_len`` above 512. ``lora``: served
+    name -> adapter folder (``ensure_lora_adapter``), served beside the base model with ``--enable-lora``."""
     root = Path(root).resolve()
     model = root / LONG_MODEL_DIR if long else model_dir(root)
-    return _serve(root, model, MODEL_NAME, max_model_len, port, ready_timeout, extra_args or [],
+    lora_args: list[str] = []
+    if lora:
+        lora_args = ["--enable-lora", "--max-lora-rank", str(LORA_RANK), "--lora-modules",
+                     *(f"{name}={path}" for name, path in lora.items())]
+    return _serve(root, model, MODEL_NAME, max_model_len, port, ready_timeout, [*lora_args, *(extra_args or [])],
                   "vllm-long-server.log" if long else "vllm-server.log")
 
 

@@ -39,6 +39,13 @@ def test_bounds_are_inclusive_and_configurable():
     assert edge.keep, edge
     edge = group_stats([0.0, 0.6, 0.6, 0.8])  # median 0.6 exactly
     assert edge.keep, edge
+    # rewards are weighted sums (0.2 * 3 = 0.6000000000000001) and shards hold float32 (0.6000000238): still on the bound
+    import numpy as np
+
+    three_of_five = 0.2 * 1 + 0.2 * 1 + 0.2 * 1
+    assert three_of_five > 0.6 and group_stats([0.0, three_of_five, three_of_five, 0.8]).keep
+    assert group_stats([0.0, float(np.float32(0.6)), float(np.float32(0.6)), float(np.float32(0.8))]).keep
+    assert group_stats([0.0, 0.6001, 0.6001, 0.8]).reason == "median_above"  # the tolerance is 1e-6, not more
     lenient = GrpoFilterConfig(min_std=0.0, min_max=0.0, median_low=0.0, median_high=1.0)
     assert group_stats([0.5] * 8, lenient).keep
     with pytest.raises(ValueError):

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from gmner_pipeline.hashing import dir_sha256, file_sha256
 from gmner_pipeline.llm.client import LLMClient
-from gmner_pipeline.llm.config import EndpointConfig, LLMConfig, LocalPolicyConfig, RoleConfig
+from gmner_pipeline.llm.config import EndpointConfig, LLMConfig, LLMConfigError, LocalPolicyConfig, RoleConfig
 from gmner_pipeline.llm.identity import role_identity, role_kind
 from gmner_pipeline.llm.request import LLMRequest
 from gmner_pipeline.llm.services import llm_services, resolve_roles
@@ -29,6 +29,7 @@ def llm(tmp_path):
         "cache": {"path": str(tmp_path / "cache.sqlite")},
         "roles": {
             "served": {"endpoints": [{"base_url": "http://a:1/v1", "model": "qwen"}], "revision": "r1"},
+            "served_lora": {"endpoints": [{"base_url": "http://a:1/v1", "model": "policy"}], "adapter": str(adapter)},
             "embedded": {},
             "named_embedded": {"model_id": "my-gguf"},
             "policy": {"local": {"base_model": str(base), "adapter": str(adapter)}},
@@ -45,15 +46,28 @@ def test_each_kind_of_role_has_its_identity(llm, tmp_path):
     assert role_identity(llm.role("policy")) == (f"local:{tmp_path / 'base'}@{dir_sha256(tmp_path / 'base')[:12]}"
                                                  f"+adapter:{dir_sha256(tmp_path / 'adapter')[:12]}")
     assert role_identity(llm.role("hub_policy")) == "local:Qwen/Qwen2.5-VL-3B@abc"
+    assert role_identity(llm.role("served_lora")) == f"policy+adapter:{dir_sha256(tmp_path / 'adapter')[:12]}"
     assert [role_kind(llm.role(r)) for r in ("served", "embedded", "policy")] == ["served", "embedded", "local"]
     with pytest.raises(ValidationError, match="not both"):
         RoleConfig(endpoints=[EndpointConfig(base_url="http://a/v1", model="x")],
                    local=LocalPolicyConfig(base_model="b"))
+    with pytest.raises(ValidationError, match="local.adapter instead"):
+        RoleConfig(adapter="x", local=LocalPolicyConfig(base_model="b"))
+
+
+def test_a_new_served_adapter_is_a_new_model(llm, tmp_path):
+    # vLLM serves the SFT adapter under one name ("policy") whatever its weights: the folder's hash tells them apart
+    before = role_identity(llm.role("served_lora"))
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"new weights")
+    assert role_identity(llm.role("served_lora")) != before
+    with pytest.raises(LLMConfigError, match="does not exist"):
+        role_identity(RoleConfig(endpoints=[EndpointConfig(base_url="http://a/v1", model="x")],
+                                 adapter=str(tmp_path / "missing")))
 
 
 def test_resolving_for_a_run_keeps_every_identity(llm):
     # the driver resolves the config once (embedded endpoint, hashes); workers must see the same identities
-    roles = {"served", "embedded", "named_embedded", "policy", "hub_policy", "unconfigured"}
+    roles = {"served", "served_lora", "embedded", "named_embedded", "policy", "hub_policy", "unconfigured"}
     resolved = resolve_roles(llm, roles, EndpointConfig(base_url="http://127.0.0.1:9/v1", model="smollm2"))
     for name in roles:
         assert role_identity(resolved.role(name)) == role_identity(llm.role(name), llm), name
