@@ -33,6 +33,7 @@ COLUMNS = ["id", "split", "status", "grounding_labels", "entities", "detections"
 TEMPLATE_TEACHER = "template"  # the teacher of chains without a model (template styles)
 FILTER_STATS = ("mean", "std", "max", "median")
 FILTER_BOUNDS = ("min_std", "min_max", "median_low", "median_high")
+GRPO_REPORT = "reports/grpo_filter.json"  # stages/grpo_filter/report.py writes it (with grpo_filter.png beside it)
 
 
 def portable(text: Any) -> Any:
@@ -100,6 +101,30 @@ def stage_roles(name: str, manifest: dict[str, Any], raw_config: dict[str, Any])
         return {}
 
 
+def own_sampling(config: Any) -> dict[str, Any] | None:
+    """The sampling of a stage that sets it itself instead of taking its role's (grpo_filter: G samples at its own
+    temperature, top-k, top-p and length), else None."""
+    if not isinstance(config, dict) or "samples" not in config or "temperature" not in config:
+        return None
+    return {"n": config["samples"], **{k: config.get(k) for k in ("temperature", "top_p", "top_k", "max_tokens")}}
+
+
+REPORT_KEYS = ("items", "kept", "dropped_by_first_rule", "failing_each_rule", "rules", "incomplete_groups",
+               "not_sampled", "responses", "responses_zeroed", "responses_zero_reward")
+
+
+def grpo_report(output_dir: Path) -> dict[str, Any] | None:
+    """What the card shows of ``reports/grpo_filter.json`` (the filter report grpo_filter writes), when present."""
+    path = output_dir / GRPO_REPORT
+    try:
+        report = read_json(path) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict):
+        return None
+    return {k: report[k] for k in REPORT_KEYS if k in report}
+
+
 class Tally:
     """One pass over the final stage's records: what the plots and tables count."""
 
@@ -119,6 +144,7 @@ class Tally:
         self.heldout_chains = 0
         self.rewards: list[float] = []
         self.group_stats: dict[str, list[float]] = {s: [] for s in FILTER_STATS}
+        self.kept_stats: dict[str, list[float]] = {s: [] for s in FILTER_STATS}
         self.group_keep: Counter[str] = Counter()
         self.knowledge_status: Counter[str] = Counter()
         self.knowledge_calls: dict[str, list[dict[str, Any]]] = {}
@@ -145,6 +171,8 @@ class Tally:
             for s in FILTER_STATS:
                 if grpo.get(s) is not None:
                     self.group_stats[s].append(float(grpo[s]))
+                    if grpo.get("keep"):
+                        self.kept_stats[s].append(float(grpo[s]))
             self.group_keep["kept" if grpo.get("keep") else (grpo.get("reason") or "dropped")] += 1
         for item in rec.get("knowledge") or []:
             self.knowledge_status[item.get("status") or "ok"] += 1
@@ -297,8 +325,7 @@ def collect(output_dir: str | Path) -> dict[str, Any]:
             "drop_reasons": _sorted(totals["drop_reasons"]), "errors_by_stage": _sorted(totals["errors_by_stage"]),
             "counters": _sorted(totals["counters"]),
             "config": _portable_tree(manifest.get("config") if entry["stage"] != "ingest" else manifest.get("source")),
-            "roles": {r: _portable_tree(v) for r, v in sorted(stage_roles(entry["stage"], manifest,
-                                                                           raw_config).items())},
+            "roles": _roles(entry["stage"], manifest, raw_config),
         })
     ingest_totals = stages[0]
     if chain[0]["stage"] == "ingest":
@@ -341,6 +368,8 @@ def collect(output_dir: str | Path) -> dict[str, Any]:
         "heldout_chains": tally.heldout_chains,
         "rewards": sorted(tally.rewards),
         "group_stats": {k: sorted(v) for k, v in tally.group_stats.items() if v},
+        "kept_stats": {k: sorted(v) for k, v in tally.kept_stats.items() if v},
+        "grpo_report": grpo_report(out),
         "group_outcomes": _sorted(dict(tally.group_keep)),
         "filter_thresholds": filter_thresholds(grpo_stage["config"]) if grpo_stage else {},
         "knowledge_status": _sorted(dict(tally.knowledge_status)),
@@ -349,6 +378,14 @@ def collect(output_dir: str | Path) -> dict[str, Any]:
         "cost": costs(tokens_by_role, card),
         "plots": card.plots,
     }
+
+
+def _roles(stage: str, manifest: dict[str, Any], raw_config: dict[str, Any]) -> dict[str, Any]:
+    roles = {r: _portable_tree(v) for r, v in sorted(stage_roles(stage, manifest, raw_config).items())}
+    own = own_sampling(manifest.get("config"))
+    if own is not None:  # the role's own sampling is not what this stage asked for
+        roles = {r: {**v, "sampling": own} for r, v in roles.items()}
+    return roles
 
 
 def _nested(counter: Counter[tuple[str, str]]) -> dict[str, dict[str, int]]:

@@ -87,8 +87,9 @@ def chain_consistency(facts: dict[str, Any], fig: Any) -> str | None:
     ax.set_yticks(range(len(rows)), labels)
     ax.invert_yaxis()
     ax.set_xlabel("chains")
+    ax.set_xlim(0, max(total) * 1.1)  # room for the share beside the longest bar
     ax.set_title("chain consistency by style / teacher")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)  # beside, never over a bar
     return "Chain consistency"
 
 
@@ -103,13 +104,18 @@ def rewards(facts: dict[str, Any], fig: Any) -> str | None:
     axes[0].set_title(f"rewards ({len(facts['rewards'])} responses)")
     bounds = facts["filter_thresholds"]
     lines = {"std": ["min_std"], "max": ["min_max"], "median": ["median_low", "median_high"]}
+    kept = facts.get("kept_stats") or {}
     for ax, name in zip(axes[1:], names):
-        ax.hist(stats[name], bins=bins, color=LIGHT)
+        ax.hist(stats[name], bins=bins, color=LIGHT, label="all groups")
+        if kept.get(name):
+            ax.hist(kept[name], bins=bins, color=GREEN, label="kept")
         for key in lines.get(name, []):
             if key in bounds:
                 ax.axvline(bounds[key], color=RED, linestyle="--", linewidth=1.2)
         ax.set_title(f"group {name}")
     axes[0].set_ylabel("count")
+    if kept and names:
+        axes[1].legend(loc="upper right", fontsize=8)
     return "GRPO rewards and filter statistics"
 
 
@@ -128,7 +134,7 @@ def tokens(facts: dict[str, Any], fig: Any) -> str | None:
     ax.invert_yaxis()
     ax.set_xlabel("tokens (as the records' lineage accounts them)")
     ax.set_title("tokens per stage")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     return "Tokens per stage"
 
 

@@ -176,15 +176,56 @@ def _statistics(facts: dict[str, Any], plots: list[tuple[str, str]]) -> list[str
                        [[c["style"], c["teacher"], c["chains"], c["consistent"],
                          f"{100 * c['consistent'] / c['chains']:.1f}%" if c["chains"] else "-",
                          _counts(rej.get((c["style"], c["teacher"]), {}))] for c in facts["chains"]]), ""]
-    if facts["group_outcomes"]:
-        out += [f"GRPO groups: {_counts(facts['group_outcomes'])}; thresholds "
-                f"{_pairs(facts['filter_thresholds'])}.", ""]
+    out += _grpo_filter(facts)
     if facts["knowledge_status"]:
         out += [f"Entity knowledge: {facts['knowledge_keys']} entity keys with per-call records; items by status: "
                 f"{_counts(facts['knowledge_status'])}.", ""]
     for title, path in plots:
         out += [f"### {title}", "", f"![{title}]({path})", ""]
     return out
+
+
+def _grpo_filter(facts: dict[str, Any]) -> list[str]:
+    """The keep/drop decisions of grpo_filter: from its report (``reports/grpo_filter.json``) when the run wrote one,
+    else from the records' ``grpo`` columns."""
+    report, outcomes = facts.get("grpo_report"), facts["group_outcomes"]
+    if not report and not outcomes:
+        return []
+    out = ["### GRPO filter", ""]
+    bounds = _pairs(facts["filter_thresholds"]) if facts["filter_thresholds"] else "the defaults"
+    if not report:
+        return out + [f"Groups: {_counts(outcomes)}; thresholds {bounds}.", ""]
+    items, kept = report.get("items", 0), report.get("kept", 0)
+    share = f" ({100 * kept / items:.1f}%)" if items else ""
+    out += [f"grpo_filter sampled the policy for every D2 record with a consistent chain and kept {kept} of {items} "
+            f"complete groups{share} (thresholds: {bounds}). A group is removed by the first rule it fails:", ""]
+    rules = report.get("rules") or {}
+    first, each = report.get("dropped_by_first_rule") or {}, report.get("failing_each_rule") or {}
+    out += [_table(["rule", "fails when", "removed (first failing rule)", "failing (any order)"],
+                   [[r, rules.get(r, "-"), first.get(r, 0), each.get(r, 0)] for r in _rule_order(first)]), ""]
+    notes = []
+    if report.get("incomplete_groups"):
+        notes.append(f"{report['incomplete_groups']} groups with a failed request (errors, not decisions)")
+    if report.get("not_sampled"):
+        notes.append(f"not sampled: {_counts(report['not_sampled'])}")
+    if report.get("responses"):
+        zeroed = report.get("responses_zeroed") or {}
+        notes.append(f"{report['responses']} responses, {report.get('responses_zero_reward', 0)} with reward 0"
+                     + (f" (zeroed by rule: {_counts(zeroed)})" if zeroed else ""))
+    if notes:
+        out += ["; ".join(notes).capitalize() + ".", ""]
+    out += ["The full report (histograms of the group statistics, all and kept, with quartiles): "
+            "[reports/grpo_filter.json](reports/grpo_filter.json), plotted in "
+            "[reports/grpo_filter.png](reports/grpo_filter.png); `gmner-pipeline grpo-report` redraws it with other "
+            "thresholds without sampling again.", ""]
+    return out
+
+
+RULE_ORDER = ("too_few_rewards", "low_std", "low_max", "median_below", "median_above")  # scoring.group_stats's order
+
+
+def _rule_order(rules: dict[str, int]) -> list[str]:
+    return [r for r in RULE_ORDER if r in rules] + sorted(r for r in rules if r not in RULE_ORDER)
 
 
 def _settings(facts: dict[str, Any]) -> list[str]:

@@ -17,7 +17,7 @@ from ..publish import DATASET_DIR, SPLIT_NAMES
 from ..shards import read_records
 from ..splits import DatasetConfig
 from ..student import prompt_hash
-from .examples import Chains, ExportRefused, ExportStats, FrameName, examples, prompt_config
+from .examples import Chains, ExportRefused, ExportStats, FrameName, check_training, examples, prompt_config
 from .formats import WRITERS, ImageMode, ImageRefs
 
 FORMATS = tuple(WRITERS)
@@ -36,8 +36,12 @@ def _dataset_config(output_dir: Path) -> DatasetConfig:
     return DatasetConfig.model_validate(raw.get("dataset") or {})
 
 
-def split_records(output_dir: str | Path, split: str) -> Any:
-    """The records of a published split, file by file."""
+# what check_training reads: the whole split is checked with these columns before anything is written
+CHECK_COLUMNS = ["id", "split", "status", "cot", "grpo"]
+
+
+def split_records(output_dir: str | Path, split: str, columns: list[str] | None = None) -> Any:
+    """The records of a published split, file by file (``columns``: only those)."""
     folder = Path(output_dir) / DATASET_DIR / split
     if split not in SPLIT_NAMES:
         raise ExportError(f"--split {split!r}: choose one of {list(SPLIT_NAMES)}")
@@ -48,28 +52,32 @@ def split_records(output_dir: str | Path, split: str) -> Any:
         why = f"published: {', '.join(present)}" if present else "no dataset: run a pipeline with a CoT stage first"
         raise ExportError(f"{output_dir} has no published {split} ({why})")
     for path in files:
-        yield from read_records(path)
+        yield from read_records(path, columns)
+
+
+def check_split(output_dir: str | Path, split: str, dataset: DatasetConfig) -> int:
+    """Refuse the export before writing anything if any record of the split is not a training record of it (a dev or
+    test record, or one the split does not select); returns the number of records."""
+    n = 0
+    for record in split_records(output_dir, split, CHECK_COLUMNS):
+        check_training(record, split, dataset)
+        n += 1
+    return n
 
 
 def export_split(output_dir: str | Path, split: str, fmt: str, target: str | Path, *, images: ImageMode = "relative",
                  frame: FrameName = "original", text_only: bool = False, chains: Chains = "all") -> ExportStats:
-    """Write ``split`` of ``output_dir`` in format ``fmt`` under ``target``; raises ``ExportRefused`` (and writes
-    nothing further) if a record that is not a training record of that split turns up."""
+    """Write ``split`` of ``output_dir`` in format ``fmt`` under ``target``; raises ``ExportRefused``, having written
+    nothing, if any record of the split is not a training record of it (checked over the whole split first)."""
     if fmt not in WRITERS:
         raise ExportError(f"--format {fmt!r}: choose one of {list(FORMATS)}")
     out, target = Path(output_dir), Path(target)
-    records = split_records(out, split)
-    first = next(records, None)  # fail on a missing split before creating the target
+    dataset = _dataset_config(out)
+    check_split(out, split, dataset)  # a missing split or a record that must not be exported: nothing is written
     target.mkdir(parents=True, exist_ok=True)
     prompt = prompt_config(frame, text_only)
     stats = ExportStats()
-
-    def all_records() -> Any:
-        if first is not None:
-            yield first
-        yield from records
-
-    items = examples(all_records(), split, prompt, chains, _dataset_config(out), stats)
+    items = examples(split_records(out, split), split, prompt, chains, dataset, stats)
     files = WRITERS[fmt](items, split, target, ImageRefs(target, images))
     manifest = {"split": split, "format": fmt, "images": "embedded" if fmt == "hf" else images,
                 "frame": prompt.frame.model_dump(mode="json"), "text_only": text_only, "chains": chains,

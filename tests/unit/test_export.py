@@ -125,13 +125,19 @@ def test_round_trip_gives_the_gold_triples_back(published, tmp_path, fmt, frame,
             assert im.size == orig.size == (w, h)  # the original image, decoded
 
 
-def test_a_test_record_in_a_training_split_is_never_exported(published, tmp_path):
+@pytest.mark.parametrize("heldout", ["test", "dev"])
+def test_a_dev_or_test_record_in_a_training_split_is_never_exported(published, tmp_path, heldout):
+    """The whole split is checked before anything is written: a held-out record in the last file of the split (after
+    good records) leaves no file at all, in every format."""
     out, records = published
-    leaked = _record(9, Path(next(iter(records.values()))["image"]["path"]), 640, 480, split="test")
+    leaked = _record(9, Path(next(iter(records.values()))["image"]["path"]), 640, 480, split=heldout)
     pq.write_table(records_to_table([leaked]), out / "dataset" / "D1" / "part-00001.parquet")
     for fmt in ("swift", "sharegpt", "jsonl", "hf"):
-        with pytest.raises(ExportRefused, match="'t/test/9' of source split 'test'"):
+        with pytest.raises(ExportRefused, match=f"'t/{heldout}/9' of source split '{heldout}'"):
             export_split(out, "D1", fmt, tmp_path / f"x-{fmt}")
+        assert not (tmp_path / f"x-{fmt}").exists()  # not even the good records before it
+    if heldout == "dev":
+        return
     res = CliRunner().invoke(app, ["export", str(out), "--split", "D1", "--format", "swift", "--to",
                                    str(tmp_path / "cli")])
     assert res.exit_code == 2 and "only ['train'] records may be exported" in res.output
