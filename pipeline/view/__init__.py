@@ -1,7 +1,7 @@
 """``gmner-pipeline view``: an HTML page of a run's records that a person can work with.
 
 The page (default ``<output>/view/index.html``) holds a small index of EVERY record (what the filters read: status,
-drop reason, chain styles and teachers, GRPO keep/drop, D1/D2) and the stage counts; the records' details sit beside
+drop reason, chain styles and teachers, GRPO keep/drop and drop rule, D1/D2) and the stage counts; the records' details sit beside
 it in ``<page>_files/records-NNNNN.js`` (``chunk_size`` records each) and are loaded only for the page of results on
 screen, so ~10k records stay quick (measured figures in docs/view.md). Images are JPEG thumbnails in
 ``<page>_files/img/``; boxes (gold: green, detector: blue) are drawn over them by the page from original pixels.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -56,6 +57,19 @@ def _counts_table(output_dir: Path, chain: list[dict[str, Any]]) -> str:
                     f"<td>{t['records_dropped']}</td><td>{t['records_error']}</td><td>{e(reasons)}</td></tr>")
     return ("<table id='stages'><tr><th>stage</th><th>records in</th><th>ok</th><th>dropped</th><th>errors</th>"
             f"<th>drops by reason</th></tr>{''.join(rows)}</table>")
+
+
+# beside the records, what else a person looking at the run may want: the dataset card and the filter report
+RUN_FILES = (("dataset card (README.md)", "README.md"), ("GRPO filter report", "reports/grpo_filter.png"))
+
+
+def _links(output_dir: Path, page_dir: Path) -> str:
+    found = [(label, os.path.relpath(output_dir / rel, page_dir)) for label, rel in RUN_FILES
+             if (output_dir / rel).exists()]
+    if not found:
+        return ""
+    return "<p class='links'>" + "".join(f"<a href='{html.escape(Path(href).as_posix())}'>{html.escape(label)}</a>"
+                                         for label, href in found) + "</p>"
 
 
 def write_view(output_dir: str | Path, target: str | Path | None = None, stage: str | None = None,
@@ -103,7 +117,8 @@ def write_view(output_dir: str | Path, target: str | Path | None = None, stage: 
         f"<title>gmner-pipeline: {e(name)}</title><style>{_asset('view.css')}</style></head><body>"
         f"<header><h1>gmner-pipeline: {e(name)}</h1>"
         f"<p>{len(index)} records as stage <b>{e(entry['stage'])}</b> wrote them. Green: gold boxes; blue (dashed): "
-        f"detector boxes. Chains open on click.</p>{_counts_table(out, latest['chain'])}</header>"
+        f"detector boxes. Chains open on click.</p>{_links(out, page.parent)}{_counts_table(out, latest['chain'])}"
+        "</header>"
         "<div id='filters'></div>"
         "<div class='nav'><button class='prev'>previous</button><span class='pageinfo'></span>"
         "<button class='next'>next</button></div>"

@@ -3,7 +3,9 @@ without console errors, images decode, boxes sit where the record says, filters 
 output with every column group (knowledge, several styles and teachers, GRPO) and on a real run of the CLI.
 
 The browser fixture installs Debian's ``chromium`` when it is absent (``apt-get``, as root) and skips, saying why,
-only when that cannot be done. A screenshot of each page is kept under the output folder (``view/screenshot*.png``).
+only when that cannot be done. A screenshot of each page is kept under its output folder (``view/screenshot*.png``);
+both outlive the test under ``test-artefacts/`` in the checkout (or ``$GMNER_TEST_ARTEFACTS``): the real run's whole
+output folder, the hand-built output's screenshot.
 """
 
 from __future__ import annotations
@@ -24,6 +26,18 @@ from gmner_pipeline.shards import commit_shard, shard_path, write_records
 from gmner_pipeline.view import write_view
 
 pytestmark = pytest.mark.integration
+
+# Where the screenshots outlive the test's temporary folder: the real run's whole output folder (page, screenshot,
+# card) is written here, and the hand-built output's screenshot copied (ignored by git).
+ARTEFACTS = Path(os.environ.get("GMNER_TEST_ARTEFACTS") or Path(__file__).resolve().parents[2] / "test-artefacts")
+
+
+def artefact_dir(name: str) -> Path:
+    folder = ARTEFACTS / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return folder
+
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--disable-quic"]
@@ -181,8 +195,15 @@ def test_view_of_every_column_group_filters_and_pages(built_output, browser):
     assert "rejected" in card.locator("details.chain").nth(1).inner_text()
     assert "wrong_answer" in card.locator("details.chain").nth(1).inner_text()
     grpo_card = page.locator("article[data-id='v/train/001']")
-    assert grpo_card.locator(".reward").count() == 2 and "kept" in grpo_card.locator(".grpo").inner_text()
+    assert grpo_card.locator(".rewards .reward").count() == 2 and "kept" in grpo_card.locator(".grpo").inner_text()
+    grpo_card.locator("details.responses summary").click()  # every response beside its reward
+    assert grpo_card.locator(".response").nth(1).inner_text().split() == ["0.90", "r2"]
+    assert "dropped: median_above" in page.locator("article[data-id='v/train/005'] .grpo").inner_text()
+    page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(out / "view" / "screenshot-built.png"))
+    kept = artefact_dir("view-built")
+    kept.mkdir()
+    shutil.copy(out / "view" / "screenshot-built.png", kept / "screenshot-built.png")
 
     def choose(name: str, value: str) -> None:
         select = page.locator(f"#f-{name}")
@@ -208,6 +229,9 @@ def test_view_of_every_column_group_filters_and_pages(built_output, browser):
     dropped = [r["id"] for r in recs if r["status"] == "ok" and r["grpo"] and not r["grpo"]["keep"]]
     assert page.locator("article.rec").evaluate_all("els => els.map(e => e.dataset.id)") == dropped
     page.locator("#f-grpo").select_option(index=0)
+    choose("grpo_reason", "median_above")
+    assert page.locator("article.rec").evaluate_all("els => els.map(e => e.dataset.id)") == dropped
+    page.locator("#f-grpo_reason").select_option(index=0)
     page.locator("#f-search").fill("number 42")
     _ready(page)
     assert page.locator("article.rec").evaluate_all("els => els.map(e => e.dataset.id)") == ["v/train/042"]
@@ -226,8 +250,9 @@ def test_view_of_every_column_group_filters_and_pages(built_output, browser):
 
 def test_view_of_a_real_cli_run(tmp_path, browser):
     """The default run through the CLI in its own process (a fresh local Ray: Ray's token-auth notice must not be
-    printed), then `view`, then the page."""
-    out = tmp_path / "run"
+    printed), then `view`, then the page. The output folder is kept (``test-artefacts/view-cli-run``, or
+    ``$GMNER_TEST_ARTEFACTS``) with the page and its screenshot ``view/screenshot.png``."""
+    out = artefact_dir("view-cli-run")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     run = subprocess.run([sys.executable, "-m", "gmner_pipeline.cli", "run", "synthesize", "--output", str(out),
                           "--set", "run.progress=false"], env=env, capture_output=True, text=True, timeout=600)
@@ -239,6 +264,10 @@ def test_view_of_a_real_cli_run(tmp_path, browser):
     assert view.returncode == 0, view.stderr[-3000:]
     page, problems = _open(browser, out / "view" / "index.html")
     assert page.locator("article.rec").count() == 10
+    assert page.locator("header .links a").first.get_attribute("href") == "../README.md"  # the dataset card
+    # filters that cannot narrow this run (no GRPO, no drops) are hidden; those that can are shown
+    assert page.locator("#f-grpo").is_hidden() and page.locator("#f-reason").is_hidden()
+    assert page.locator("#f-dsplit").is_visible()
     assert _images_decoded(page) == 10
     rid = "gmner-sample/train/astronaut"
     from gmner_pipeline.report import find_record

@@ -53,6 +53,7 @@
     ["style", "chain style", (r) => (r.styles.length ? r.styles : ["(no chain)"])],
     ["teacher", "teacher", (r) => (r.teachers.length ? r.teachers : ["(no chain)"])],
     ["grpo", "GRPO keep/drop", (r) => [r.grpo || "(not sampled)"]],
+    ["grpo_reason", "GRPO drop rule", (r) => [r.grpo_reason || "(none)"]],
     ["dsplit", "D1 / D2", (r) => [r.dsplit || "(none)"]],
     ["consistent", "consistent chain", (r) => [r.consistent ? "yes" : "no"]],
   ];
@@ -66,7 +67,8 @@
         h("option", {value: ""}, "all"),
         [...counts.keys()].sort().map((v) => h("option", {value: v}, v + " (" + counts.get(v) + ")")));
       select.addEventListener("change", apply);
-      bar.appendChild(h("label", {}, label + " ", select));
+      // a filter with one value cannot narrow anything (e.g. GRPO keep/drop of a run without grpo_filter): hidden
+      bar.appendChild(h("label", {hidden: counts.size < 2}, label + " ", select));
     }
     const search = h("input", {id: "f-search", type: "search", placeholder: "id or text"});
     search.addEventListener("input", apply);
@@ -157,7 +159,12 @@
       g.keep ? "kept" : "dropped" + (g.reason ? ": " + g.reason : ""))),
     h("p", {}, "policy " + (g.policy || "-") + "; " + stat),
     h("div", {class: "rewards"}, g.rewards.map((r, i) => h("span", {class: "reward", title: g.responses[i] || "",
-      style: "--r:" + (r === null ? 0 : r)}, r === null ? "–" : r.toFixed(2)))));
+      style: "--r:" + (r === null ? 0 : r)}, r === null ? "–" : r.toFixed(2)))),
+    g.responses.length ? h("details", {class: "responses"}, h("summary", {}, g.responses.length + " responses"),
+      g.responses.map((t, i) => h("div", {class: "response"}, h("span", {class: "reward", style: "--r:" +
+        (g.rewards[i] === null || g.rewards[i] === undefined ? 0 : g.rewards[i])},
+      g.rewards[i] === null || g.rewards[i] === undefined ? "–" : g.rewards[i].toFixed(2)),
+      h("pre", {}, t || "(no sample came back)")))) : null);
   }
 
   function recordCard(rec) {
