@@ -233,7 +233,8 @@ def view_command(
     stage: Optional[str] = typer.Option(None, help="Show records as that stage wrote them (default: the last)."),
 ) -> None:
     """Write an HTML page of every record, paged and filterable (status, drop reason, chain style, teacher, GRPO
-    keep/drop), each with its image, gold and detector boxes, knowledge, chains and rewards. Open it in a browser."""
+    keep/drop and drop rule), each with its image, gold and detector boxes, knowledge, chains, rewards and the policy's
+    responses. Open it in a browser."""
     from .report import OutputNotFound, StageNotInRun
     from .view import write_view
 
