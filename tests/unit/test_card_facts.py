@@ -86,3 +86,23 @@ def test_header_leaves_out_empty_splits_and_paths_are_portable():
     assert portable("local:/home/me/models/qwen@ab12+adapter:cd34") == "local:qwen@ab12+adapter:cd34"
     assert portable("/data/models/rtmdet.onnx") == "rtmdet.onnx"
     assert portable("Qwen/Qwen2.5-VL-72B-Instruct") == "Qwen/Qwen2.5-VL-72B-Instruct"
+
+
+def test_grpo_filter_section_reads_the_report_and_orders_rules_as_the_filter_applies_them():
+    from gmner_pipeline.card.render import _grpo_filter
+
+    report = {"items": 10, "kept": 4, "dropped_by_first_rule": {"median_above": 1, "low_std": 5, "too_few_rewards": 0},
+              "failing_each_rule": {"median_above": 6, "low_std": 5}, "rules": {"low_std": "std < 0.1 (population)"},
+              "incomplete_groups": 2, "not_sampled": {"grounding_absent": 3}, "responses": 80,
+              "responses_zero_reward": 12, "responses_zeroed": {"format": 7}}
+    facts = {"grpo_report": report, "group_outcomes": {"kept": 4}, "filter_thresholds": {"min_std": 0.1}}
+    text = "\n".join(_grpo_filter(facts))
+    assert "kept 4 of 10 complete groups (40.0%)" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["too_few_rewards", "low_std", "median_above"]
+    assert "| low_std | std < 0.1 (population) | 5 | 5 |" in text and "| median_above | - | 1 | 6 |" in text
+    assert "2 groups with a failed request" in text and "grounding_absent: 3" in text and "format: 7" in text
+    assert "](reports/grpo_filter.json)" in text
+    # without a report (an older run): the outcomes from the records only; without grpo: nothing
+    assert "Groups: kept: 4" in "\n".join(_grpo_filter({**facts, "grpo_report": None}))
+    assert _grpo_filter({"grpo_report": None, "group_outcomes": {}, "filter_thresholds": {}}) == []
