@@ -17,7 +17,11 @@ start, dispatch, closing the pool).
     python benchmarks/runner.py --startup-rounds 5 --skip-modes   # only the default run's start-up figures
 
 Start-up: ``--startup-rounds`` fresh ``gmner-pipeline run synthesize`` (the bundled sample, the README's first
-command) in subprocesses, each timed from process start to exit, with ``ray.init`` / ``ray.shutdown`` timed inside.
+command) in subprocesses, each timed from process start to exit, with ``ray.init`` / ``ray.shutdown`` timed inside and
+the peak memory of the whole process tree (the driver and every Ray process) sampled beside it. ``--startup-set``
+passes settings to those runs: ``--startup-set run.ray_dashboard=true`` starts Ray's full set of processes, for the
+comparison with the default (only what a run needs). Run this script with another checkout's interpreter to measure
+that checkout (the child runs import ``gmner_pipeline`` from the interpreter's environment).
 """
 
 from __future__ import annotations
@@ -108,7 +112,8 @@ def run_runner(plan, cfg, num_shards: int) -> dict[str, float]:
     t0_wall = time.time()
     t0 = time.perf_counter()
     contexts = runner.stage_contexts(plan, cfg, "bench", None)
-    progress = runner.execute(plan, cfg, num_shards, contexts)
+    with runner.Backend(cfg, plan, contexts) as backend:
+        progress = runner.execute(plan, cfg, num_shards, backend)
     wall = time.perf_counter() - t0
     t_end = time.time()
     markers = list(read_markers(stage_plan.dir).values())
@@ -217,7 +222,7 @@ def report_modes(results: dict[str, list[dict[str, float]]], records: int) -> No
 RAY_PARTS = ("ray_import", "ray_init", "ray_shutdown")
 
 
-def child_default_run(out: str) -> None:
+def child_default_run(out: str, sets: list[str]) -> None:
     """In a fresh process: the README's first command, with Ray's import, start and stop timed."""
     import psutil
 
@@ -253,7 +258,8 @@ def child_default_run(out: str) -> None:
 
     ray_executor.ray_session = timed_session
     try:
-        app(["run", "synthesize", "--output", out, "--set", "run.progress=false"], standalone_mode=False)
+        extra = [arg for item in sets for arg in ("--set", item)]
+        app(["run", "synthesize", "--output", out, "--set", "run.progress=false", *extra], standalone_mode=False)
     finally:
         t_end = time.time()
         latest = json.loads((Path(out) / "latest.json").read_text()) if (Path(out) / "latest.json").is_file() else {}
@@ -263,22 +269,31 @@ def child_default_run(out: str) -> None:
 
 
 def startup(args) -> None:
+    from common import TreeSampler
+
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local"}
     rows = []
+    sets = args.startup_set or []
     print(f"\n# the default run (`gmner-pipeline run synthesize`, bundled sample, fresh output folder), then a rerun; "
-          f"{args.startup_rounds} rounds", flush=True)
+          f"{args.startup_rounds} rounds; settings {sets or 'default'}; gmner_pipeline from {sys.executable}",
+          flush=True)
     for r in range(args.startup_rounds):
         with tempfile.TemporaryDirectory(prefix="gmner-startup-") as tmp:
             for kind in ("first", "rerun"):
                 t0 = time.time()
-                done = subprocess.run([sys.executable, __file__, "--child-default-run", str(Path(tmp) / "out")],
-                                      env=env, capture_output=True, text=True, cwd=tmp)
+                child_argv = [sys.executable, __file__, "--child-default-run", str(Path(tmp) / "out")]
+                child_argv += [arg for item in sets for arg in ("--startup-set", item)]
+                proc = subprocess.Popen(child_argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, cwd=tmp)
+                with TreeSampler(proc.pid, interval_s=0.1) as sampler:
+                    stdout, stderr = proc.communicate()
                 wall = time.time() - t0
-                line = next((ln for ln in done.stdout.splitlines() if ln.startswith("CHILD ")), None)
-                if done.returncode != 0 or line is None:
-                    raise SystemExit(f"default run failed: {done.stderr[-2000:]}")
+                line = next((ln for ln in stdout.splitlines() if ln.startswith("CHILD ")), None)
+                if proc.returncode != 0 or line is None:
+                    raise SystemExit(f"default run failed: {stderr[-2000:]}")
                 child = json.loads(line[len("CHILD "):])
-                child.update(kind=kind, wall=wall, exit=t0 + wall - child["t_end"])  # interpreter teardown
+                child.update(kind=kind, wall=wall, exit=t0 + wall - child["t_end"],  # interpreter teardown
+                             tree_mib=sampler.total_peak / 2**20, processes=len(sampler.peaks))
                 rows.append(child)
                 ray_s = sum(child.get(k, 0.0) for k in RAY_PARTS)
                 ingest = f"{child['ingest'] or 0:.2f}" if kind == "first" else "reused"
@@ -286,13 +301,15 @@ def startup(args) -> None:
                       f"{child['imports']:.2f}, command {child['command']:.2f} (import ray "
                       f"{child.get('ray_import', 0):.2f}, ray.init {child.get('ray_init', 0):.2f}, ray.shutdown "
                       f"{child.get('ray_shutdown', 0):.2f}, ingest {ingest}), exit {child['exit']:.2f}; Ray's share "
-                      f"{ray_s / wall:.0%}", flush=True)
+                      f"{ray_s / wall:.0%}; peak memory of the process tree {child['tree_mib']:.0f} MiB over "
+                      f"{child['processes']} processes", flush=True)
     for kind in ("first", "rerun"):
         rs = [x for x in rows if x["kind"] == kind]
         share = [sum(x.get(k, 0.0) for k in RAY_PARTS) / x["wall"] for x in rs]
         parts = "; ".join(f"{k} {_spread([x.get(k, 0.0) for x in rs])} s" for k in RAY_PARTS)
         print(f"{kind}: wall {_spread([x['wall'] for x in rs])} s; {parts}; Ray's share (import + init + shutdown) "
-              f"{statistics.median(share):.0%}")
+              f"{statistics.median(share):.0%}; peak memory {_spread([x['tree_mib'] for x in rs])} MiB over "
+              f"{statistics.median([x['processes'] for x in rs]):.0f} processes")
 
 
 def main() -> None:
@@ -308,10 +325,11 @@ def main() -> None:
     ap.add_argument("--startup-rounds", type=int, default=3)
     ap.add_argument("--skip-startup", action="store_true")
     ap.add_argument("--skip-modes", action="store_true")
+    ap.add_argument("--startup-set", action="append", help="a --set for the start-up runs (repeatable)")
     ap.add_argument("--child-default-run", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_default_run:
-        child_default_run(args.child_default_run)
+        child_default_run(args.child_default_run, args.startup_set or [])
         return
     if not args.skip_modes:
         compare_modes(args)

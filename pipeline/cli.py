@@ -69,15 +69,19 @@ def run_command(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a "
                                           "local Ray instance)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder (same as --set run.output_dir)."),
+    executor: Optional[str] = typer.Option(None, "--executor", help="'ray' (default) or 'local': every stage in this "
+                                           "process, one shard at a time (a debugger, tiny runs); run.executor."),
+    redo_errors: Optional[str] = typer.Option(None, "--redo-errors", help="Errors in committed shards to redo: "
+                                              "'transient' (default), 'all' or 'none'; run.redo_errors."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level (the stages' and the LLM "
                                  "client's details)."),
 ) -> None:
-    """Run the pipeline (or part of it). Reruns skip every shard that is already committed."""
+    """Run the pipeline (or part of it). Reruns skip every committed shard, redo damaged ones, and redo the records
+    that failed for a transient reason (a dead endpoint, a timeout storm)."""
     from . import runner
-    from .health import run_problems
     from .ingest_step import EmptySplitError
     from .preflight import check_run
-    from .report import summary_table
+    from .report import run_notes, summary_table
 
     _setup_logging(verbose)
     overrides = list(set_)
@@ -85,6 +89,10 @@ def run_command(
         overrides.append(f"run.ray_address={address}")
     if output:
         overrides.append(f"run.output_dir={output}")
+    if executor:
+        overrides.append(f"run.executor={executor}")
+    if redo_errors:
+        overrides.append(f"run.redo_errors={redo_errors}")
     try:
         cfg = load_config(config or DEFAULT_CONFIG, overrides)
         stages = stages_for_command(cfg, None if target == "synthesize" else target)
@@ -130,6 +138,8 @@ def run_command(
     on_progress(result.stages)
     progress.stop()
     console.print(summary_table(result))
+    for note in run_notes(result):
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True, highlight=False)
     if result.dataset is not None:
         console.print("dataset: " + ", ".join(f"{k} {v}" for k, v in result.dataset.items())
                       + f" -> {result.plan.output_dir / 'dataset'}")
@@ -141,14 +151,13 @@ def run_command(
                   f"gmner-pipeline show {cfg.run.output_dir} <record id>")
     for warning in result.ingest.get("warnings") or []:
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True, highlight=False)
-    problems = run_problems(result, cfg.run.max_error_share)
-    for problem in problems:
+    for problem in result.problems:
         console.print(f"[red]run failed:[/red] {escape(problem)}", soft_wrap=True, highlight=False)
-    if not result.ok:
+    if result.failed:
         for stage, shard, err in result.failed:
-            console.print(f"[red]failed[/red] {stage} shard {shard}: {err}")
+            console.print(f"[red]failed[/red] {stage} shard {shard}: {escape(err)}", highlight=False)
         console.print("rerun the same command to retry the failed shards")
-    if problems or not result.ok:
+    if not result.ok:
         raise typer.Exit(1)
 
 

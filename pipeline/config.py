@@ -121,6 +121,21 @@ class RunSettings(Strict):
     progress: bool = True
     shard_attempts: int = Field(3, ge=1, description="driver-level tries per shard before it is reported as failed")
     actor_restarts: int = Field(3, ge=0, description="Ray restarts of a dead stage worker (each retries its shard)")
+    executor: Literal["ray", "local"] = Field(
+        "ray", description="'ray': actor pools on a local Ray instance or a cluster; 'local': every stage in the "
+        "driver's own process, one shard at a time (a debugger, tiny runs; see docs/architecture.md)")
+    ray_dashboard: bool = Field(
+        False, description="start Ray's dashboard and autoscaler monitor with a local Ray instance (a run needs "
+        "neither; leaving them out saves seconds of start-up and a few hundred MB)")
+    shard_timeout_s: float | None = Field(
+        None, gt=0, description="a shard running longer than this is abandoned: its worker is ended and the shard "
+        "retried like a crashed one (none by default)")
+    stall_timeout_s: float | None = Field(
+        3600.0, gt=0, description="a shard whose worker finishes no batch for this long (stuck, or its process "
+        "stopped) is abandoned and retried the same way; raise it for stages with very long batches")
+    redo_errors: Literal["transient", "all", "none"] = Field(
+        "transient", description="errors in committed shards that a rerun redoes (only those records, the shard "
+        "rewritten whole): 'transient' (dead endpoints, timeouts, OOM), 'all', or 'none'")
 
 
 class RunConfig(Strict):

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .schema import STATUS_ERROR
-from .shards import SHARD_GLOB, read_markers
+from .shards import committed_shards, read_markers
 
 
 def error_totals(stage_dir: Path) -> tuple[int, int, dict[str, int]]:
@@ -32,7 +32,7 @@ def error_totals(stage_dir: Path) -> tuple[int, int, dict[str, int]]:
 
 def first_error(stage_dir: Path) -> str | None:
     """The message of the first record in error in a stage folder (shards in order), or None."""
-    for path in sorted(Path(stage_dir).glob(SHARD_GLOB)):
+    for path in committed_shards(stage_dir):
         try:
             table = pq.read_table(path, columns=["status", "error", "error_stage"])
         except (OSError, ValueError):

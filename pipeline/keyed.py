@@ -35,7 +35,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_open
-from .shards import read_json, read_markers, write_json_atomic
+from .schema import ERROR_PERMANENT, STATUS_ERROR
+from .shards import check_commit, commit_file, read_json, read_markers, write_json_atomic
 
 TABLE_DIR = "_table"
 TABLE_MANIFEST = "_table.json"
@@ -85,25 +86,40 @@ def unit_marker_path(tdir: str | Path, unit: int) -> Path:
     return Path(tdir) / f"{unit_name(unit)}.done.json"
 
 
+def check_unit(tdir: str | Path, unit: int) -> tuple[dict[str, Any] | None, str | None]:
+    """``shards.check_shard`` for a table unit: its marker, or why the unit is not committed (no marker, no file, a
+    file whose size or row count differs from what its marker recorded)."""
+    return check_commit(unit_marker_path(tdir, unit), unit_path(tdir, unit), "keys")
+
+
 def committed_units(tdir: str | Path, units: int) -> set[int]:
-    return {u for u in range(units) if unit_marker_path(tdir, u).is_file() and unit_path(tdir, u).is_file()}
+    """The units whose marker and file are intact (a damaged unit is built again)."""
+    return {u for u in range(units) if check_unit(tdir, u)[0] is not None}
 
 
 def read_unit_markers(tdir: str | Path) -> dict[int, dict[str, Any]]:
-    """The commit markers (stats) of the committed units of a table folder."""
+    """The commit markers (stats) of the intact committed units of a table folder."""
     out = {}
     tdir = Path(tdir)
     if not tdir.is_dir():
         return out
     for p in sorted(tdir.glob("unit-*.done.json")):
-        unit = int(p.name.split(".")[0].split("-")[1])
-        if not unit_path(tdir, unit).is_file():
-            continue
         try:
-            out[unit] = read_json(p)
-        except (OSError, ValueError):
+            unit = int(p.name.split(".")[0].split("-")[1])
+        except (IndexError, ValueError):
             continue
+        marker, _ = check_unit(tdir, unit)
+        if marker is not None:
+            out[unit] = marker
     return out
+
+
+def value_error_kind(value: Any) -> str | None:
+    """A table value that failed (a dict with ``status: "error"``, as a record) and its ``error_kind`` (``transient``:
+    a rerun computes it again, like a record's; ``permanent`` when unmarked); None for a value that did not fail."""
+    if isinstance(value, dict) and value.get("status") == STATUS_ERROR:
+        return value.get("error_kind") or ERROR_PERMANENT
+    return None
 
 
 # --- the table pass (pure, then files) ------------------------------------------------------------------------------
@@ -134,8 +150,18 @@ def write_unit(tdir: str | Path, unit: int, values: Mapping[str, Any]) -> int:
     return table.num_rows
 
 
-def commit_unit(tdir: str | Path, unit: int, stats: dict[str, Any]) -> None:
-    write_json_atomic(unit_marker_path(tdir, unit), stats)
+def read_unit(tdir: str | Path, unit: int) -> dict[str, Any]:
+    """A committed unit's ``{key: value}``."""
+    table = pq.read_table(unit_path(tdir, unit))
+    return {k: json.loads(v) for k, v in zip(table.column("key").to_pylist(), table.column("value").to_pylist())}
+
+
+def commit_unit(tdir: str | Path, unit: int, stats: dict[str, Any], *, input_commit: str | None = None,
+                replaces: Iterable[str] = ()) -> dict[str, Any]:
+    """Commit a written unit as a shard is committed (``shards.commit_file``: its size and row count, a commit id, the
+    input fingerprint it was built from); returns the marker."""
+    return commit_file(unit_path(tdir, unit), unit_marker_path(tdir, unit), stats, input_commit=input_commit,
+                       replaces=replaces)
 
 
 class TableFiles:
@@ -174,14 +200,15 @@ class InMemoryTable:
 # --- validity: the input a table was built from ---------------------------------------------------------------------
 
 def input_fingerprint(input_dir: str | Path, num_shards: int) -> str:
-    """A fingerprint of a stage's input: per shard, what its commit marker says about the write that produced it. A
-    shard recomputed upstream gets a new marker, so the fingerprint changes and the table is rebuilt."""
+    """A fingerprint of a stage's input: per shard, the ``commit_id`` of its marker (the lineage the shard checks
+    use; markers written before commit ids: what they say about the write). A shard recomputed or repaired upstream
+    gets a new commit, so the fingerprint changes and the table is rebuilt."""
     markers = read_markers(input_dir)
     h = hashlib.sha256()
     for i in range(num_shards):
         m = markers.get(i) or {}
-        h.update(json.dumps([i, m.get("run_id"), m.get("finished_at"), m.get("records_in"), m.get("stage_key")],
-                            default=str).encode())
+        facts = m.get("commit_id") or [m.get("run_id"), m.get("finished_at"), m.get("records_in"), m.get("stage_key")]
+        h.update(json.dumps([i, facts], default=str).encode())
     return h.hexdigest()[:16]
 
 
@@ -210,6 +237,6 @@ def void_table(tdir: str | Path) -> None:
         p.unlink(missing_ok=True)
 
 
-__all__ = ["InMemoryTable", "TABLE_DIR", "TableFiles", "TableKey", "TableRef", "collect_items", "commit_unit",
-           "committed_units", "input_fingerprint", "read_manifest", "read_unit_markers", "table_dir",
+__all__ = ["InMemoryTable", "TABLE_DIR", "TableFiles", "TableKey", "TableRef", "check_unit", "collect_items",
+           "commit_unit", "committed_units", "read_unit", "value_error_kind", "input_fingerprint", "read_manifest", "read_unit_markers", "table_dir",
            "unit_of", "void_table", "write_manifest", "write_unit"]

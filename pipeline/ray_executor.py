@@ -3,7 +3,8 @@
 Recovery: a worker process that dies is restarted by Ray and its shard retried (``max_restarts`` /
 ``max_task_retries``); when Ray gives up, the shard comes back to the scheduler as failed and the actor is replaced.
 A shard goes only to an actor that is up: an actor Ray cannot place (a pool larger than the cluster) must not hold
-shards that would wait on it forever.
+shards that would wait on it forever. A shard the scheduler's watchdog abandons (stuck, or its worker stopped) has its
+actor killed and replaced; it comes back from ``wait`` as failed with the watchdog's reason.
 """
 
 from __future__ import annotations
@@ -11,70 +12,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
-from .config import RunConfig
 from .plan import StagePlan
-from .scheduler import ShardOutcome, Task
+from .ray_local import ray_session
+from .scheduler import ShardOutcome, ShardTimeout, Task
 from .stage import StageContext
 
+__all__ = ["ActorPool", "RayExecutor", "ShardActor", "ray_session"]
+
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def ray_session(config: RunConfig) -> Iterator[Any]:
-    """Join ``run.ray_address`` (or ``RAY_ADDRESS``), or start a local Ray instance; reuse one already initialised."""
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    address = config.run.ray_address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
-    with contextlib.ExitStack() as stack:
-        if address:
-            kwargs["address"] = address
-        else:
-            if config.run.num_cpus is not None:
-                kwargs["num_cpus"] = config.run.num_cpus
-            if config.run.object_store_memory is not None:
-                kwargs["object_store_memory"] = config.run.object_store_memory
-            stack.enter_context(local_auth_mode())
-        ray.init(**kwargs)
-        try:
-            yield ray
-        finally:
-            ray.shutdown()
-
-
-@contextlib.contextmanager
-def local_auth_mode() -> Iterator[None]:
-    """Quiet Ray's notice that token authentication is on, for a local instance the run starts itself.
-
-    Since Ray 2.59 a new local ``ray.init()`` turns token authentication on when ``RAY_AUTH_MODE`` is unset (a token
-    is generated once into ``~/.ray/auth_token``) and says so in a warning on every run. That is the protection we
-    want: the instance listens on the node's address, and without a token anyone who reaches it can run code, so we
-    keep it (``RAY_AUTH_MODE=disabled`` would silence the notice by removing the protection) and drop just that one
-    notice. Setting ``RAY_AUTH_MODE=token`` ourselves does not work once Ray is imported (its native config has read
-    the variable already). Ray's warning that authentication is *off* is never filtered.
-    """
-    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    quiet = _DropMessage("Token authentication is enabled for this Ray cluster")
-    logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        logger.removeFilter(quiet)
-
-
-class _DropMessage(logging.Filter):
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
 
 
 class ShardActor:
@@ -96,8 +45,11 @@ class ShardActor:
 
         return self.processor.run(task, extra_stats={"node_id": ray.get_runtime_context().get_node_id()})
 
-    def pid(self) -> int:
-        return os.getpid()
+    def pid(self) -> tuple[int, str]:
+        """The worker's process id and node: a stuck worker on the driver's node is ended by its pid."""
+        import ray
+
+        return os.getpid(), ray.get_runtime_context().get_node_id()
 
     def close(self) -> None:
         self.processor.close()
@@ -116,6 +68,7 @@ class ActorPool:
         self.actors: list[Any] = [None] * res.pool_size
         self.load = [0] * res.pool_size
         self.up = [False] * res.pool_size
+        self.process: list[tuple[int, str] | None] = [None] * res.pool_size  # (pid, node id) once up
         self.solo = [False] * res.pool_size  # running a retried shard, alone
         self.starting: dict[Any, int] = {}  # ref of an actor's first call -> its slot
         for slot in range(res.pool_size):
@@ -128,15 +81,19 @@ class ActorPool:
         slots = [i for i in range(len(self.actors)) if self.up[i] and not self.solo[i] and self.load[i] < limit]
         return min(slots, key=self.load.__getitem__) if slots else None
 
-    def started(self, ref: Any) -> None:
+    def started(self, ray: Any, ref: Any) -> None:
         """The actor's first call returned (or failed: then its shards fail and go through the retry path)."""
-        self.up[self.starting.pop(ref)] = True
+        slot = self.starting.pop(ref)
+        self.up[slot] = True
+        with contextlib.suppress(Exception):
+            self.process[slot] = tuple(ray.get(ref))
 
     def replace(self, slot: int) -> None:
         self.starting = {ref: s for ref, s in self.starting.items() if s != slot}
         self.actors[slot] = self._factory.remote(*self._args)
         self.load[slot] = 0
         self.up[slot] = False
+        self.process[slot] = None
         self.solo[slot] = False
         self.starting[self.actors[slot].pid.remote()] = slot
 
@@ -168,6 +125,11 @@ class RayExecutor:
         self.restarts = restarts
         self.pools: dict[int, ActorPool] = {}
         self.running: dict[Any, _Running] = {}
+        self.abandoned: dict[Any, str] = {}  # ref -> the watchdog's reason
+
+    def prestart(self, stage: int) -> None:
+        """Start the stage's actors now (they set up while the driver still ingests)."""
+        self._pool(stage)
 
     def _pool(self, k: int) -> ActorPool:
         if k not in self.pools:
@@ -198,7 +160,7 @@ class RayExecutor:
         outcomes = []
         for ref in done:
             if ref in starting:
-                self.pools[starting[ref]].started(ref)
+                self.pools[starting[ref]].started(self.ray, ref)
                 continue
             run = self.running.pop(ref)
             pool = self.pools[run.task.stage]
@@ -206,13 +168,34 @@ class RayExecutor:
             if same_actor:
                 pool.load[run.slot] = max(0, pool.load[run.slot] - 1)
                 pool.solo[run.slot] = pool.solo[run.slot] and not run.task.alone
+            reason = self.abandoned.pop(ref, None)
             try:
-                outcomes.append(ShardOutcome(run.task, stats=self.ray.get(ref)))
+                stats = self.ray.get(ref)
+                outcomes.append(ShardOutcome(run.task, stats=stats) if reason is None
+                                else ShardOutcome(run.task, error=ShardTimeout(reason)))
             except Exception as exc:  # noqa: BLE001 - every failure goes back to the scheduler, per shard
                 if isinstance(exc, self.ray.exceptions.RayActorError) and same_actor:
                     pool.replace(run.slot)
-                outcomes.append(ShardOutcome(run.task, error=exc))
+                outcomes.append(ShardOutcome(run.task, error=ShardTimeout(reason) if reason else exc))
         return outcomes
+
+    def abandon(self, task: Task, reason: str) -> None:
+        """Kill the actor running ``task`` (a stopped process too: Ray ends it with SIGKILL) and start a new one in
+        its slot; the task, and any other queued on that actor, come back failed and are retried."""
+        for ref, run in self.running.items():
+            if run.task == task:
+                pool = self.pools[task.stage]
+                self.abandoned[ref] = reason
+                same = pool.actors[run.slot] is run.actor
+                process = pool.process[run.slot] if same else None
+                if process is not None and process[1] == self.ray.get_runtime_context().get_node_id():
+                    with contextlib.suppress(OSError):  # Ray asks a worker to exit first: a stopped one never does
+                        os.kill(process[0], signal.SIGKILL)
+                with contextlib.suppress(Exception):
+                    self.ray.kill(run.actor, no_restart=True)
+                if same:
+                    pool.replace(run.slot)
+                return
 
     def release(self, stage: int) -> None:
         pool = self.pools.pop(stage, None)

@@ -14,11 +14,11 @@ from rich.text import Text
 
 from .summary import RunResult, stage_totals
 from .answer import format_box
-from .shards import iter_committed_tables, read_json
+from .latest import OutputNotFound, load_latest, require_stage_dirs
+from .shards import iter_committed_tables
 
-
-class OutputNotFound(FileNotFoundError):
-    pass
+__all__ = ["OutputNotFound", "RecordNotFound", "StageNotInRun", "find_record", "list_ids", "load_latest",
+           "print_record", "record_view", "run_notes", "stage_entry", "status_table", "summary_table"]
 
 
 class _Message(KeyError):
@@ -51,7 +51,9 @@ def list_ids(output_dir: str | Path, stage: str | None = None, status: str | Non
     order, and how many match in all."""
     if status is not None and status not in ("ok", "dropped", "error"):
         raise ValueError(f"--status {status!r}: use ok, dropped or error")
-    entry = stage_entry(load_latest(output_dir), stage)
+    latest = load_latest(output_dir)
+    entry = stage_entry(latest, stage)
+    require_stage_dirs(output_dir, latest, [entry["stage"]])
     rows: list[dict[str, Any]] = []
     total = 0
     for _, table in iter_committed_tables(entry["dir"], ["id", "status", "drop_reason", "error_stage", "text"]):
@@ -63,14 +65,6 @@ def list_ids(output_dir: str | Path, stage: str | None = None, status: str | Non
     return rows, total
 
 
-def load_latest(output_dir: str | Path) -> dict[str, Any]:
-    path = Path(output_dir) / "latest.json"
-    if not path.is_file():
-        raise OutputNotFound(f"{output_dir} holds no finished run (no latest.json); run `gmner-pipeline run "
-                             f"synthesize --set run.output_dir={output_dir}` first")
-    return read_json(path)
-
-
 def _reasons(counts: dict[str, int]) -> Text:
     """Counts as one cell, most frequent first. A ``Text``: names such as ``llm:chains:`` must not be read as rich
     markup or emoji codes (``:chains:`` would print a chain symbol)."""
@@ -79,9 +73,10 @@ def _reasons(counts: dict[str, int]) -> Text:
 
 def status_table(output_dir: str | Path) -> Table:
     latest = load_latest(output_dir)
+    require_stage_dirs(output_dir, latest)
     table = Table(title=f"{output_dir}  (run {latest['run_id']})", title_justify="left")
     for col in ("stage", "key", "shards", "records in", "ok", "dropped", "errors", "drops by reason",
-                "errors by stage", "stage counters"):
+                "errors by stage", "stage counters", "llm"):
         table.add_column(col, overflow="fold",
                          justify="right" if col in {"shards", "records in", "ok", "dropped", "errors"} else "left")
     total_shards = latest["ingest"]["num_shards"]
@@ -89,8 +84,16 @@ def status_table(output_dir: str | Path) -> Table:
         t = stage_totals(Path(entry["dir"]))
         table.add_row(entry["stage"], entry["key"][:10], f"{t['shards']}/{total_shards}", str(t["records_in"]),
                       str(t["records_ok"]), str(t["records_dropped"]), str(t["records_error"]),
-                      _reasons(t["drop_reasons"]), _reasons(t["errors_by_stage"]), _reasons(t["counters"]))
+                      _reasons(t["drop_reasons"]), _reasons(t["errors_by_stage"]), _reasons(t["counters"]),
+                      _llm(t.get("llm") or {}))
     return table
+
+
+def _llm(totals: dict[str, dict[str, Any]]) -> str:
+    """Per role: requests, retries, failovers and failed requests of the stage's workers (summary.llm_totals)."""
+    return "; ".join(f"{role}: {t.get('requests', 0)} requests, {t.get('retries', 0)} retries, "
+                     f"{t.get('failovers', 0)} failovers, {sum((t.get('errors') or {}).values())} failed"
+                     for role, t in sorted(totals.items())) or "-"
 
 
 def summary_table(result: RunResult) -> Table:
@@ -110,9 +113,23 @@ def summary_table(result: RunResult) -> Table:
     return table
 
 
+def run_notes(result: RunResult) -> list[str]:
+    """What a run did besides its work, one line each: damaged shards redone, shards retried (crashes, timeouts),
+    committed shards repaired (transient errors redone)."""
+    notes = []
+    for name, sp in result.stages.items():
+        notes += [f"{name} shard {shard} was damaged ({why}): redone" for shard, why in sp.healed]
+        notes += [f"{name} shard {shard} retried after: {why}" for shard, why in sp.retried]
+        if sp.repaired_now:
+            notes.append(f"{name}: {sp.repaired_now} committed shard(s) repaired, {sp.records_redone} record(s) "
+                         "redone (errors of kind transient, run.redo_errors)")
+    return notes
+
+
 def find_record(output_dir: str | Path, record_id: str, stage: str | None = None) -> dict[str, Any]:
     latest = load_latest(output_dir)
     entries = [stage_entry(latest, stage)] if stage else list(reversed(latest["chain"]))
+    require_stage_dirs(output_dir, latest, [e["stage"] for e in entries])
     for entry in entries:
         for path, table in iter_committed_tables(entry["dir"]):
             hit = table.filter(pc.equal(table.column("id"), record_id))

@@ -183,6 +183,9 @@ RECORD_FIELDS: list[pa.Field] = [
     pa.field("drop_reason", pa.string()),  # when dropped: a short machine-readable reason ("below_alpha", ...)
     pa.field("error", pa.string()),  # when error: a message for a human (file, line, what to do)
     pa.field("error_stage", pa.string()),
+    # when error: "transient" (a dead endpoint, a timeout storm, an OOM: a rerun redoes it) or "permanent" (bad input,
+    # a request the model refuses); null in shards written before 1.1 (read as permanent)
+    pa.field("error_kind", pa.string()),
     pa.field("lineage", pa.list_(LINEAGE_ENTRY)),
 ]
 
@@ -202,6 +205,7 @@ COLUMN_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 STATUS_OK, STATUS_DROPPED, STATUS_ERROR = "ok", "dropped", "error"
+ERROR_TRANSIENT, ERROR_PERMANENT = "transient", "permanent"
 GROUNDING_PRESENT, GROUNDING_ABSENT = "present", "absent"
 
 

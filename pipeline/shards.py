@@ -9,11 +9,25 @@ exactly-once at the record level.
 Readers of a stage's output read only committed shards (``committed_shards`` and the iterators built on it): a file
 without its marker is a shard being written, or one the runner voided, and is never data. When the runner voids a
 downstream shard (its input is about to be recomputed), ``void_shard`` removes the marker first, then the file.
+
+A marker is trusted only as far as it can be checked cheaply (``shard_problem``, the one check the runner, ``status``,
+``show``, ``view`` and the readers share): it must be a JSON object, its shard file must have the byte size the marker
+recorded, and the file's Parquet footer must hold the row count the marker recorded. A truncated or replaced file, or a
+marker that is empty, garbage or disagrees, makes the shard *not committed* everywhere, and the next run redoes it.
+Each marker also names its commit (``commit_id``) and the commit of the input shard it was made from
+(``input_commit``), so the runner can tell a downstream shard made from the input that is there now from one made from
+an input that has since been recomputed (``scheduler.ShardBook``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -26,7 +40,10 @@ from .schema import RECORD_SCHEMA, conform_table, records_to_table
 if TYPE_CHECKING:
     import datasets
 
+log = logging.getLogger(__name__)
+
 SHARD_GLOB = "shard-*.parquet"
+MARKER_GLOB = "shard-*.done.json"
 MANIFEST = "_stage.json"
 
 
@@ -40,6 +57,12 @@ def shard_path(stage_dir: str | Path, index: int) -> Path:
 
 def marker_path(stage_dir: str | Path, index: int) -> Path:
     return Path(stage_dir) / f"{shard_name(index)}.done.json"
+
+
+def beat_path(stage_dir: str | Path, index: int) -> Path:
+    """The file a worker touches while it works on shard ``index`` (after every batch): the driver's watchdog reads
+    its modification time. A temporary by name, so a run's start-up cleans up what a killed worker left."""
+    return Path(stage_dir) / f"{shard_name(index)}{TMP_MARK}beat.tmp"
 
 
 def shard_index(path: str | Path) -> int:
@@ -79,34 +102,138 @@ def read_records(path: str | Path, columns: list[str] | None = None) -> list[dic
     return read_table(path, columns).to_pylist()
 
 
-def commit_shard(stage_dir: str | Path, index: int, stats: dict[str, Any]) -> None:
-    write_json_atomic(marker_path(stage_dir, index), stats)
+def marker_of(shard_file: str | Path) -> Path:
+    """The commit marker beside a shard file (``shard-00003.parquet`` -> ``shard-00003.done.json``)."""
+    shard_file = Path(shard_file)
+    return shard_file.with_name(shard_file.name.removesuffix(".parquet") + ".done.json")
+
+
+def file_facts(path: str | Path) -> dict[str, int]:
+    """What a marker records of its shard file: byte size and the row count in the Parquet footer."""
+    return {"bytes": os.stat(path).st_size, "rows": pq.read_metadata(path).num_rows}
+
+
+def commit_shard(stage_dir: str | Path, index: int, stats: dict[str, Any], *, input_commit: str | None = None,
+                 replaces: Iterable[str] = ()) -> dict[str, Any]:
+    """Commit shard ``index`` (its file must be in place): write its marker with ``stats`` plus what the checks need:
+    the file's size and row count, a new ``commit_id``, the ``input_commit`` it was made from, and (for a repaired
+    shard) the commit ids it ``replaces``. Returns the marker."""
+    return commit_file(shard_path(stage_dir, index), marker_path(stage_dir, index), stats, input_commit=input_commit,
+                       replaces=replaces)
+
+
+def commit_file(data: Path, marker_file: Path, stats: dict[str, Any], *, input_commit: str | None = None,
+                replaces: Iterable[str] = ()) -> dict[str, Any]:
+    """Commit a Parquet file already in place with its marker (``commit_shard``; a keyed table's units use it too)."""
+    marker = dict(stats)
+    marker.update(file=file_facts(data), commit_id=uuid.uuid4().hex[:16], committed_at=time.time(),
+                  input_commit=input_commit, replaces=list(replaces))
+    write_json_atomic(marker_file, marker)
+    return marker
+
+
+# A verified marker is remembered under the stat signatures of both files, so a scan repeated in one process (status
+# of a large folder, the runner's checks) reads each footer once; any write changes a signature.
+_VERIFIED: "OrderedDict[str, tuple[tuple, dict[str, Any] | None, str | None]]" = OrderedDict()
+_VERIFIED_MAX = 65536
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def check_shard(stage_dir: str | Path, index: int) -> tuple[dict[str, Any] | None, str | None]:
+    """``(marker, None)`` when shard ``index`` of ``stage_dir`` is committed and intact, else ``(None, problem)``:
+    no marker; a marker that is unreadable, empty or not an object (an unreadable marker is an absent marker); no
+    shard file; a file whose size or footer row count differs from the marker's (truncated, replaced, damaged).
+    Markers written before they recorded the file are checked by their ``records_in`` against the footer."""
+    return check_commit(marker_path(stage_dir, index), shard_path(stage_dir, index))
+
+
+def check_commit(mpath: Path, spath: Path, legacy_rows: str = "records_in") -> tuple[dict[str, Any] | None, str | None]:
+    """``check_shard`` for any committed Parquet file and its marker (a keyed table's units use it too);
+    ``legacy_rows``: the marker field that held the row count before markers recorded the file."""
+    sig = (_signature(mpath), _signature(spath))
+    key = str(mpath)
+    hit = _VERIFIED.get(key)
+    if hit is not None and hit[0] == sig and sig[0] is not None and sig[1] is not None:
+        return hit[1], hit[2]
+    marker, problem = _check(mpath, spath, sig, legacy_rows)
+    if sig[0] is not None and sig[1] is not None:
+        _VERIFIED[key] = (sig, marker, problem)
+        _VERIFIED.move_to_end(key)
+        while len(_VERIFIED) > _VERIFIED_MAX:
+            _VERIFIED.popitem(last=False)
+    return marker, problem
+
+
+def _check(mpath: Path, spath: Path, sig: tuple, legacy_rows: str) -> tuple[dict[str, Any] | None, str | None]:
+    if sig[0] is None:
+        return None, "no commit marker"
+    try:
+        marker = read_json(mpath)
+    except (OSError, ValueError) as exc:
+        return None, f"commit marker unreadable ({type(exc).__name__})"
+    if not isinstance(marker, dict):
+        return None, "commit marker holds no record of the commit"
+    if sig[1] is None:
+        return None, "the shard file is missing"
+    facts = marker.get("file")
+    expected_rows = facts.get("rows") if isinstance(facts, dict) else marker.get(legacy_rows)
+    if isinstance(facts, dict) and facts.get("bytes") != sig[1][0]:
+        return None, f"the shard file has {sig[1][0]} bytes, its marker recorded {facts.get('bytes')} (truncated or " \
+                     "replaced)"
+    try:
+        rows = pq.read_metadata(spath).num_rows
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        return None, f"the shard file is not readable Parquet ({str(exc)[:120]})"
+    if not isinstance(expected_rows, int) or rows != expected_rows:
+        return None, f"the shard file holds {rows} rows, its marker recorded {expected_rows}"
+    return marker, None
+
+
+def shard_problem(stage_dir: str | Path, index: int) -> str | None:
+    """Why shard ``index`` is not committed (see ``check_shard``), or None when it is."""
+    return check_shard(stage_dir, index)[1]
 
 
 def is_committed(stage_dir: str | Path, index: int) -> bool:
-    return marker_path(stage_dir, index).is_file() and shard_path(stage_dir, index).is_file()
+    return check_shard(stage_dir, index)[1] is None
+
+
+def marker_indices(stage_dir: str | Path) -> list[int]:
+    """Indices of the shards that have a marker file (committed or not), sorted."""
+    stage_dir = Path(stage_dir)
+    if not stage_dir.is_dir():
+        return []
+    return sorted(shard_index(p) for p in stage_dir.glob(MARKER_GLOB))
+
+
+def scan_stage(stage_dir: str | Path) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    """``(committed, damaged)``: the markers of the intact committed shards, and why each other marker does not
+    commit its shard."""
+    committed: dict[int, dict[str, Any]] = {}
+    damaged: dict[int, str] = {}
+    for index in marker_indices(stage_dir):
+        marker, problem = check_shard(stage_dir, index)
+        if marker is not None:
+            committed[index] = marker
+        else:
+            damaged[index] = problem or "unknown"
+    return committed, damaged
 
 
 def committed_indices(stage_dir: str | Path) -> set[int]:
-    stage_dir = Path(stage_dir)
-    if not stage_dir.is_dir():
-        return set()
-    return {i for p in stage_dir.glob("shard-*.done.json") if shard_path(stage_dir, i := shard_index(p)).is_file()}
+    return set(scan_stage(stage_dir)[0])
 
 
 def read_markers(stage_dir: str | Path) -> dict[int, dict[str, Any]]:
-    """The commit markers (shard stats) of the committed shards, by shard index."""
-    stage_dir = Path(stage_dir)
-    out = {}
-    for p in sorted(stage_dir.glob("shard-*.done.json")):
-        index = shard_index(p)
-        if not shard_path(stage_dir, index).is_file():
-            continue
-        try:
-            out[index] = read_json(p)
-        except (OSError, ValueError):
-            continue  # a marker is written atomically; an unreadable one is treated as absent
-    return out
+    """The commit markers (shard stats) of the committed, intact shards, by shard index."""
+    return scan_stage(stage_dir)[0]
 
 
 def void_shard(stage_dir: str | Path, index: int) -> None:
@@ -153,14 +280,19 @@ def committed_dataset(stage_dir: str | Path, columns: list[str] | None = None) -
     return Dataset(InMemoryTable(committed_table(stage_dir, columns)))
 
 
-def remove_stale_temporaries(stage_dir: str | Path) -> int:
-    """Delete temporary files left by a killed process. Only call while holding the output folder's lock."""
-    stage_dir = Path(stage_dir)
-    if not stage_dir.is_dir():
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete what killed processes left in ``folder``: temporary files and folders (``TMP_MARK`` in the name). Only
+    call while holding the output folder's lock. Returns how many were removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
         return 0
     n = 0
-    for p in stage_dir.iterdir():
-        if TMP_MARK in p.name:
+    for p in folder.iterdir():
+        if TMP_MARK not in p.name:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
             p.unlink(missing_ok=True)
-            n += 1
+        n += 1
     return n

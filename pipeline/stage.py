@@ -40,7 +40,7 @@ from .configbase import Strict
 from .keyed import TableKey
 from .llm.config import LLMConfig
 from .llm.context import LLMContext
-from .schema import STATUS_DROPPED, STATUS_ERROR, STATUS_OK
+from .schema import ERROR_PERMANENT, ERROR_TRANSIENT, STATUS_DROPPED, STATUS_ERROR, STATUS_OK
 from .splits import DatasetConfig
 
 Record = dict[str, Any]
@@ -53,6 +53,22 @@ class StageSetupError(RuntimeError):
 class StageContractError(RuntimeError):
     """The stage returned records that do not match its input (lost, added or renamed records): a bug in the stage,
     so the shard fails loudly instead of committing."""
+
+
+class TransientError(RuntimeError):
+    """Raise it (or let an OS timeout, connection error or out-of-memory error escape) for a record whose failure is
+    not the record's fault: the record is saved as an error of kind ``transient``, and a rerun redoes it."""
+
+
+def error_kind_of(exc: BaseException) -> str:
+    """``transient`` for failures a rerun can cure (timeouts, lost connections, out of memory, ``TransientError``),
+    ``permanent`` otherwise (a bad record, a bug)."""
+    if isinstance(exc, (TransientError, TimeoutError, ConnectionError, MemoryError)):
+        return ERROR_TRANSIENT
+    text = f"{type(exc).__name__}: {exc}".lower()
+    if "outofmemoryerror" in text or "out of memory" in text:  # torch.OutOfMemoryError, CUDA/HIP OOM messages
+        return ERROR_TRANSIENT
+    return ERROR_PERMANENT
 
 
 class Resources(Strict):
@@ -87,6 +103,8 @@ class StageContext(Strict):
     output_dir: str = ""
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)  # the D1/D2 split (splits.dataset_split)
     llm: LLMConfig | None = None  # resolved endpoints for the stage's roles, concurrency already divided per actor
+    lock_file: str = ""  # the output folder's lock the driver holds; workers commit only while it is held
+    driver_host: str = ""  # the driver's host: only workers on it test the lock (see output_lock.driver_alive)
 
 
 @dataclass
@@ -319,10 +337,14 @@ def active(record: Record) -> bool:
     return record.get("status") == STATUS_OK
 
 
-def mark_error(record: Record, stage: str, message: str) -> Record:
+def mark_error(record: Record, stage: str, message: str, *, transient: bool = False) -> Record:
+    """Mark a record failed by ``stage``. ``transient``: the cause is outside the record (an endpoint down for the
+    whole batch, retries exhausted, an OOM), so a rerun redoes it (``run.redo_errors``); for an LLM answer pass
+    ``transient=result.transient``."""
     record["status"] = STATUS_ERROR
     record["error"] = message
     record["error_stage"] = stage
+    record["error_kind"] = ERROR_TRANSIENT if transient else ERROR_PERMANENT
     return record
 
 

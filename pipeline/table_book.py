@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .keyed import (TableRef, committed_units, input_fingerprint, read_manifest, table_dir, void_table,
-                    write_manifest)
+from .keyed import (TableRef, committed_units, input_fingerprint, read_manifest, read_unit_markers, table_dir,
+                    void_table, write_manifest)
 from .shards import void_shard
 
 if TYPE_CHECKING:
@@ -37,13 +37,16 @@ class TableTask:
     input_dir: str
     num_shards: int
     alone: bool = False  # a retry: run it by itself on an idle worker
+    repair: str | None = None  # a committed unit whose failed values are computed again (``run.redo_errors``)
 
 
 class TableBook:
     """The table of one keyed stage (see the module docstring for its phases)."""
 
-    def __init__(self, ref: TableRef, input_dir: Path, num_shards: int):
+    def __init__(self, ref: TableRef, input_dir: Path, num_shards: int, redo_errors: str = "transient"):
         self.ref = ref
+        self.redo_errors = redo_errors
+        self.repairs: set[int] = set()  # committed units queued to have their failed values computed again
         self.input_dir = input_dir
         self.num_shards = num_shards
         self.phase = "waiting"
@@ -67,8 +70,17 @@ class TableBook:
             self.void()
             write_manifest(self.ref.dir, manifest["units"], manifest["input"])
         self.committed = committed_units(self.ref.dir, self.ref.units)
-        self.ready = deque(u for u in range(self.ref.units) if u not in self.committed)
+        self.repairs = self.units_to_repair() & self.committed
+        self.ready = deque(u for u in range(self.ref.units) if u not in self.committed or u in self.repairs)
         self.phase = "building" if self.ready else "done"
+
+    def units_to_repair(self) -> set[int]:
+        """Committed units holding values that failed in a way this run redoes (``run.redo_errors``: the transient
+        failures by default, as for records)."""
+        field = {"transient": "errors_transient", "all": "errors"}.get(self.redo_errors)
+        if field is None:
+            return set()
+        return {u for u, m in read_unit_markers(self.ref.dir).items() if u < self.ref.units and m.get(field)}
 
 
 class KeyedTables:
@@ -81,7 +93,7 @@ class KeyedTables:
             if s.cls.keyed():
                 self.tables[k] = TableBook(TableRef(str(table_dir(s.dir)), s.config.resources.table_units),
                                            book.plan.ingest.dir if k == 0 else book.stages[k - 1].dir,
-                                           book.num_shards)
+                                           book.num_shards, book.redo_errors)
                 self._check(k)
 
     def ref(self, k: int) -> TableRef | None:
@@ -89,7 +101,17 @@ class KeyedTables:
         return table.ref if table else None
 
     def _input_complete(self, k: int) -> bool:
-        return k == 0 or all(i in self.book.committed[k - 1] for i in range(self.book.num_shards))
+        """Every input shard of stage ``k`` is committed and none is still to be repaired in this run."""
+        book = self.book
+        return k == 0 or (all(i in book.committed[k - 1] for i in range(book.num_shards))
+                          and not any(j == k - 1 for j, _ in book.repairs | book.expect_repair))
+
+    def input_will_change(self) -> None:
+        """After the run is planned: a complete keyed stage whose input is about to be repaired waits for those repairs
+        (its shards' repairs are held), then its table is rebuilt from the repaired input (``TableBook.start``)."""
+        for k, table in self.tables.items():
+            if table.phase == "done" and not self._input_complete(k):
+                table.phase = "waiting"
 
     def _check(self, k: int) -> None:
         """Before the run: a keyed stage's outputs are valid only with the table built from its current input. When
@@ -98,7 +120,8 @@ class KeyedTables:
         book, table, stage = self.book, self.tables[k], self.book.stages[k]
         all_done = all(i in book.committed[k] for i in range(book.num_shards))
         if self._input_complete(k) and (all_done or read_manifest(table.ref.dir) == table.manifest()):
-            table.phase = "done" if all_done else "waiting"
+            # a complete stage whose table holds failures to redo waits for the table's repair (input_grew)
+            table.phase = "done" if all_done and not table.units_to_repair() else "waiting"
             return
         if book.committed[k] or read_manifest(table.ref.dir):
             log.warning("%s: its input changed since its keyed table was built: the table and the stage's %d "
@@ -155,13 +178,15 @@ class KeyedTables:
         table = self.tables[k]
         unit = table.ready[0]
         return TableTask(k, unit, table.ref, str(table.input_dir), table.num_shards,
-                         alone=table.attempts.get(unit, 0) > 0)
+                         alone=table.attempts.get(unit, 0) > 0,
+                         repair=table.redo_errors if unit in table.repairs else None)
 
     def unit_committed(self, k: int, unit: int) -> None:
         table = self.tables[k]
+        table.repairs.discard(unit)
         table.committed.add(unit)
         self.book.progress[self.book.stages[k].name].units_done = len(table.committed)
-        if len(table.committed) == table.ref.units:
+        if len(table.committed) == table.ref.units and not table.repairs and table.phase == "building":
             log.info("%s: keyed table complete", self.book.stages[k].name)
             self._release(k)
 
@@ -174,6 +199,10 @@ class KeyedTables:
             log.warning("%s table unit %d failed (attempt %d/%d): %s; retrying", name, unit, n, max_attempts, error)
             table.ready.appendleft(unit)
             return True
+        if unit in table.repairs:  # the unit stays committed as it was: its failures stay failures
+            log.error("%s table unit %d: its repair failed %d times; it stays as committed: %s", name, unit, n, error)
+            self.unit_committed(k, unit)
+            return False
         log.error("%s table unit %d failed %d times, giving up the stage for this run: %s", name, unit, n, error)
         self._fail(k, f"keyed table unit {unit} failed: {error}")
         return False

@@ -32,7 +32,8 @@ from ..answer import format_answer, gold_triples
 from ..frames import FrameError, frame_extent, model_image_size
 from ..publish import D2_FILTERED, DATASET_DIR
 from ..schema import GROUNDING_ABSENT, STATUS_OK
-from ..shards import committed_indices, iter_committed_records, read_json, read_records
+from ..latest import OutputNotFound, load_latest
+from ..shards import committed_indices, iter_committed_records, read_records
 from ..splits import D2, DatasetConfig, dataset_split, is_training_record
 from ..student import StudentPromptConfig
 from .config import DataConfig
@@ -138,10 +139,9 @@ def resolve_sources(paths: Iterable[str | Path], splits: Iterable[str], publishe
             sources += [Source("file", f, cfg) for folder in folders for f in sorted(folder.rglob("*.parquet"))]
         elif (path / "latest.json").is_file():
             try:
-                final = Path(read_json(path / "latest.json")["final_dir"])
-            except (OSError, ValueError, KeyError) as exc:
+                final = Path(load_latest(path)["final_dir"])
+            except (OutputNotFound, KeyError) as exc:
                 raise DataError(f"{path / 'latest.json'} names no final stage ({exc}); pass a stage folder") from exc
-            final = final if final.is_absolute() else path / final
             sources.append(Source("stage", final, _run_config(path)))
         elif committed_indices(path):
             sources.append(Source("stage", path))

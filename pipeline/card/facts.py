@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from ..publish import DATASET_DIR, SELECTORS, SPLIT_NAMES
-from ..report import load_latest
+from ..latest import load_latest, require_stage_dirs
 from ..shards import MANIFEST, iter_committed_records, read_json
 from ..summary import stage_totals
 from .config import CardConfig
@@ -307,6 +307,7 @@ def collect(output_dir: str | Path) -> dict[str, Any]:
     """Every fact the card and its plots show, for the last run in ``output_dir``."""
     out = Path(output_dir)
     latest = load_latest(out)
+    require_stage_dirs(out, latest)
     cfg_path = out / "config.yaml"
     raw_config = (yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}) if cfg_path.is_file() else {}
     card = CardConfig.model_validate(raw_config.get("card") or {})

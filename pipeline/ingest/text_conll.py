@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from ..schema import GROUNDING_ABSENT, STATUS_ERROR, empty_record
+from ..schema import ERROR_PERMANENT, GROUNDING_ABSENT, STATUS_ERROR, empty_record
 from .conll import DEFAULT_MAX_LINE_BYTES, bio_spans, read_conll_blocks
 from .twitter_gmner import make_id
 
@@ -56,5 +56,6 @@ def read_text_conll(path: str | Path, *, label_map: Mapping[str, str], source: s
             entities=entities,
         )
         if errors:
-            record.update(status=STATUS_ERROR, error="; ".join(errors), error_stage="ingest")
+            record.update(status=STATUS_ERROR, error="; ".join(errors), error_stage="ingest",
+                          error_kind=ERROR_PERMANENT)
         yield record

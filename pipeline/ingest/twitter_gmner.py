@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..schema import GROUNDING_PRESENT, STATUS_ERROR, empty_record
+from ..schema import ERROR_PERMANENT, GROUNDING_PRESENT, STATUS_ERROR, empty_record
 from .conll import DEFAULT_MAX_LINE_BYTES, bio_spans, read_conll_blocks
 from .images import find_image, image_info
 from .voc import DEFAULT_MAX_XML_BYTES, box_problem, read_voc
@@ -104,5 +104,6 @@ def tweet_record(block, image_key: str, record_key: str, split: str, source: str
         text=" ".join(tokens), tokens=tokens, image=image, grounding_labels=GROUNDING_PRESENT, entities=entities,
     )
     if errors:
-        record.update(status=STATUS_ERROR, error="; ".join(errors), error_stage="ingest")
+        record.update(status=STATUS_ERROR, error="; ".join(errors), error_stage="ingest",
+                      error_kind=ERROR_PERMANENT)
     return record

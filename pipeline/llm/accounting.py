@@ -21,6 +21,7 @@ class Accounting:
         self.completion_tokens = 0
         self.attempts = 0
         self.retries = 0
+        self.failovers = 0
         self.latency_s = 0.0
         self.errors: Counter[str] = Counter()
         self.endpoints: Counter[str] = Counter()
@@ -36,6 +37,7 @@ class Accounting:
             self.completion_tokens += result.completion_tokens
             self.attempts += result.attempts
             self.retries += result.retries
+            self.failovers += result.failovers
             self.latency_s += result.latency_s
             if result.error_kind:
                 self.errors[result.error_kind] += 1
@@ -48,7 +50,8 @@ class Accounting:
             return {
                 "requests": self.requests, "cache_hits": self.cache_hits, "cache_misses": self.cache_misses,
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "attempts": self.attempts, "retries": self.retries, "latency_s": round(self.latency_s, 3),
+                "attempts": self.attempts, "retries": self.retries, "failovers": self.failovers,
+                "latency_s": round(self.latency_s, 3),
                 "errors": dict(self.errors), "by_endpoint": dict(self.endpoints),
             }
 

@@ -191,13 +191,15 @@ class Endpoint:
 
 
 class _Tries:
-    """What one logical request's tries have in common: how many were sent and where the last one went."""
+    """What one logical request's tries have in common: how many were sent, where the last one went, and how often a
+    try went to another endpoint than the one before it (a failover)."""
 
-    __slots__ = ("count", "last")
+    __slots__ = ("count", "last", "failovers")
 
     def __init__(self) -> None:
         self.count = 0
         self.last: Endpoint | None = None
+        self.failovers = 0
 
 
 class LLMClient:
@@ -376,16 +378,19 @@ class LLMClient:
                 ):
                     with attempt:
                         result = await self._try(tries, req, params, deadline)
-            result.attempts, result.cache_key = tries.count, key
+            result.attempts, result.cache_key, result.failovers = tries.count, key, tries.failovers
             return result
         except Exception as exc:  # noqa: BLE001 - every failure becomes a result on the record
             if not isinstance(exc, (openai.OpenAIError, MalformedResponse, EndpointsDown)) and not is_retryable(exc):
                 log.exception("llm role %s: unexpected error", self.role_name)
             return LLMResult(model=self.identity, endpoint=tries.last.config.base_url if tries.last else None,
-                             attempts=tries.count, cache_key=key, error=_describe(exc), error_kind=_error_kind(exc))
+                             attempts=tries.count, cache_key=key, error=_describe(exc), error_kind=_error_kind(exc),
+                             failovers=tries.failovers)
 
     async def _try(self, tries: "_Tries", req: LLMRequest, params: dict[str, Any], deadline: float) -> LLMResult:
         endpoint, probe = await self._pick(avoid=tries.last, deadline=deadline)
+        if tries.last is not None and endpoint is not tries.last:
+            tries.failovers += 1
         tries.last = endpoint
         tries.count += 1
         return await self._send(endpoint, probe, req, params)
@@ -483,6 +488,7 @@ def _merge(parts: list[LLMResult], n: int, key: str) -> LLMResult:
         merged.prompt_tokens += part.prompt_tokens
         merged.completion_tokens += part.completion_tokens
         merged.attempts += part.attempts
+        merged.failovers += part.failovers
         if part.error and not merged.error:
             merged.error, merged.error_kind = part.error, part.error_kind
     merged.choices = merged.choices[:n]

@@ -104,8 +104,9 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 class EmbeddedServer:
     """``with EmbeddedServer(config) as srv: srv.endpoint()`` - llama.cpp's server on a free localhost port."""
 
-    def __init__(self, config: EmbeddedConfig | None = None):
+    def __init__(self, config: EmbeddedConfig | None = None, port: int | None = None):
         self.config = config or EmbeddedConfig()
+        self.port = port  # None: a free port (a replica restarted in a chaos test keeps its own)
         self.process: ServerProcess | None = None
         self.model_path: Path | None = None
 
@@ -116,7 +117,7 @@ class EmbeddedServer:
                 "'llama-cpp-python[server]'), or configure endpoints for every LLM role under llm.roles")
         cfg = self.config
         self.model_path = locate_model(cfg)
-        port = free_port()
+        port = self.port = self.port or free_port()
         argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model_path),
                 "--model_alias", cfg.model_name, "--host", "127.0.0.1", "--port", str(port),
                 "--n_ctx", str(cfg.n_ctx), "--n_threads", str(cfg.n_threads or os.cpu_count() or 1)]

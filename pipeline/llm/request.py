@@ -11,6 +11,9 @@ EXHAUSTED = "retries_exhausted"   # 429/5xx/timeouts/connection errors until the
 MALFORMED = "malformed_response"  # the server kept answering with something that is not a chat completion
 AUTH = "auth"                     # 401/403: the key is missing or wrong
 INTERNAL = "internal"             # a bug on our side; the message says what
+# Kinds a rerun can cure without changing the request: the servers were down, overloaded or answering garbage, or the
+# key was wrong (fix it and rerun). A stage records them with ``mark_error(..., transient=result.transient)``.
+TRANSIENT_KINDS = frozenset({EXHAUSTED, MALFORMED, AUTH})
 
 
 @dataclass
@@ -50,6 +53,7 @@ class LLMResult:
     completion_tokens: int = 0
     latency_s: float = 0.0          # wall time of this call, retries and backoff included
     attempts: int = 0               # HTTP requests sent (0 for a cache hit)
+    failovers: int = 0              # tries sent to another endpoint than the try before (a replica failed)
     cached: bool = False
     cache_key: str = ""
     error: str | None = None
@@ -58,6 +62,11 @@ class LLMResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def transient(self) -> bool:
+        """The request failed for a reason outside it (see ``TRANSIENT_KINDS``): a rerun should try it again."""
+        return self.error is not None and self.error_kind in TRANSIENT_KINDS
 
     @property
     def text(self) -> str:

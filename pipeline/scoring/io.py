@@ -58,11 +58,12 @@ def parquet_files(paths: Iterable[Path]) -> list[Path]:
     for p in paths:
         p = Path(p)
         if p.is_dir() and (p / "latest.json").is_file():
+            from ..latest import OutputNotFound, load_latest
+
             try:
-                final = Path(json.loads((p / "latest.json").read_text(encoding="utf-8"))["final_dir"])
-            except (ValueError, KeyError) as exc:
+                p = Path(load_latest(p)["final_dir"])
+            except (OutputNotFound, KeyError) as exc:
                 raise EvalInputError(f"{p / 'latest.json'} has no final_dir ({exc}); pass a stage folder") from exc
-            p = final if final.is_absolute() or final.is_dir() else p / final
         if p.is_dir():
             if (p / MANIFEST).is_file():
                 files += committed_shards(p)

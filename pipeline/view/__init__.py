@@ -18,6 +18,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, Callable
 
+from ..latest import require_stage_dirs
 from ..report import load_latest, stage_entry
 from ..shards import iter_committed_records
 from ..summary import stage_totals
@@ -80,6 +81,7 @@ def write_view(output_dir: str | Path, target: str | Path | None = None, stage: 
     out = Path(output_dir)
     latest = load_latest(out)
     entry = stage_entry(latest, stage)
+    require_stage_dirs(out, latest)  # the counts table reads every stage folder: name the missing ones
     page = Path(target) if target else out / "view" / "index.html"
     assets = page.parent / f"{page.stem}_files"
     for old in assets.glob("records-*.js"):

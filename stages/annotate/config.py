@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gmner_pipeline.configbase import Strict
+from gmner_pipeline.hashing import file_sha256
 from gmner_pipeline.stage import StageConfig
+
+from . import packaged
 
 # mmdet's RTMDet data_preprocessor (COCO configs): BGR input, these means/stds in BGR order.
 RTMDET_MEAN_BGR = (103.53, 116.28, 123.675)
@@ -18,7 +22,9 @@ class OnnxDetectorConfig(Strict):
     """An RTMDet ONNX export run by onnxruntime, with the model's own preprocessing (defaults: mmdet's RTMDet)."""
 
     backend: Literal["onnxruntime"] = "onnxruntime"
-    path: Optional[str] = Field(None, description="the .onnx file (required)")
+    path: Optional[str] = Field(
+        None, description="the .onnx file (required), or packaged:rtmdet-nano-person for the detector that ships with "
+        "the package (a person-only RTMDet-nano; its preprocessing comes with it)")
     output_format: Literal["auto", "end2end", "raw_head"] = Field(
         "auto",
         description="end2end: mmdeploy's dets [b,n,5] + labels [b,n] (NMS inside); raw_head: per-level class logits "
@@ -40,6 +46,15 @@ class OnnxDetectorConfig(Strict):
     providers: Optional[list[str]] = Field(None, description="onnxruntime providers; default: CUDA when available, "
                                            "else CPU")
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0 = its default)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _packaged_preprocessing(cls, values: object) -> object:
+        # a packaged export's own letterbox size, channel order and mean/std, unless the config says otherwise
+        return packaged.with_packaged_settings(values) if isinstance(values, dict) else values
+
+    def model_file(self) -> Optional[Path]:
+        return packaged.resolve_path(self.path) if self.path else None
 
 
 class MmdetDetectorConfig(Strict):
@@ -67,3 +82,13 @@ class AnnotateConfig(StageConfig):
     decode_workers: int = Field(2, ge=1, description="threads decoding the next batch's images during inference")
     annotation_coordinates: Literal["pixels", "normalized"] = Field(
         "pixels", description="coordinates in annotation_text (boxes themselves are always original pixels)")
+
+    def key_payload(self) -> dict[str, Any]:
+        # the ONNX file's content, not only its name: a new export at the same path (or a packaged model replaced in
+        # a new release) recomputes the boxes
+        payload = super().key_payload()
+        if isinstance(self.detector, OnnxDetectorConfig):
+            model = self.detector.model_file()
+            if model is not None and model.is_file():
+                payload["detector_sha256"] = file_sha256(model)
+        return payload

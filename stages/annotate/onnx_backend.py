@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import json
 import logging
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -17,6 +16,7 @@ from gmner_pipeline.stage import StageSetupError
 from .backends import DetectorBackend
 from .boxes import RawDetection
 from .config import OnnxDetectorConfig
+from .packaged import packaged_class_names
 from .preprocess import boxes_to_original, letterbox, to_model_input
 from .raw_head import decode_rtmdet
 
@@ -80,7 +80,7 @@ class OnnxBackend(DetectorBackend):
             raise StageSetupError(
                 "stages.annotate.detector.path is not set: give the RTMDet .onnx file, e.g. an mmdeploy end2end "
                 "export (see docs/annotate.md, 'Providing weights')")
-        if not Path(config.path).expanduser().is_file():
+        if not config.model_file().is_file():
             raise StageSetupError(
                 f"ONNX model not found at {config.path}: export RTMDet with mmdeploy (end2end) or torch.onnx.export "
                 "and set stages.annotate.detector.path to the file (see docs/annotate.md)")
@@ -90,7 +90,7 @@ class OnnxBackend(DetectorBackend):
         import onnxruntime as ort
 
         self.preflight(config)
-        path = Path(config.path).expanduser()
+        path = config.model_file()
         options = ort.SessionOptions()
         if config.intra_op_threads:
             options.intra_op_num_threads = config.intra_op_threads
@@ -113,7 +113,8 @@ class OnnxBackend(DetectorBackend):
         self.output_format = (config.output_format if config.output_format != "auto"
                               else detect_output_format([o.shape for o in outputs]))
         self.cls_outputs, self.box_outputs = split_raw_head_outputs(self.output_names)
-        self._class_names = parse_class_metadata(self.session.get_modelmeta().custom_metadata_map)
+        self._class_names = (parse_class_metadata(self.session.get_modelmeta().custom_metadata_map)
+                             or packaged_class_names(config.path))
         logger.info("onnxruntime detector %s: %s format, input %s, providers %s", self._model_id,
                     self.output_format, self.input_hw, self.session.get_providers())
 

@@ -9,7 +9,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gmner_pipeline.stage import Record, Stage, StageSetupError, mark_error
+from gmner_pipeline.schema import ERROR_TRANSIENT
+from gmner_pipeline.stage import Record, Stage, StageSetupError, error_kind_of, mark_error
 
 from .backends import DetectorBackend, backend_class
 from .boxes import COCO_CLASSES, MalformedDetection, RawDetection, annotation_text, select_top_k, to_schema_boxes
@@ -119,7 +120,8 @@ class AnnotateStage(Stage):
         for (record, image), output in zip(batch, outputs, strict=True):
             if isinstance(output, Exception):
                 self.stats["error_model"] += 1
-                mark_error(record, self.name, f"detector failed on {record['image']['path']}: {output}")
+                mark_error(record, self.name, f"detector failed on {record['image']['path']}: {output}",
+                           transient=error_kind_of(output) == ERROR_TRANSIENT)  # e.g. out of GPU memory
                 continue
             height, width = image.shape[:2]
             try:

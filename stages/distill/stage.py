@@ -211,7 +211,8 @@ class DistillStage(Stage):
             if isinstance(outcome, TeacherUnavailable):
                 self.count(f"{plan.style}:teacher_unavailable")
                 return mark_error(record, self.name, f"{plan.style} style: {outcome} (transient: rerun to retry; "
-                                  "answers already received are in the request cache)")
+                                  "answers already received are in the request cache)",
+                                  transient=outcome.result.transient)
             if isinstance(outcome, ImageUnreadable):
                 self.count("records:image_unreadable")
                 return mark_error(record, self.name, f"mllm style: {outcome}")

@@ -12,6 +12,7 @@ from pydantic import Field, field_validator
 from gmner_pipeline import student
 from gmner_pipeline.configbase import Strict
 from gmner_pipeline.frames import FrameError
+from gmner_pipeline.llm.request import TRANSIENT_KINDS
 from gmner_pipeline.prompts import PROMPTS_DIR, prompt_hash
 from gmner_pipeline.scoring import GrpoFilterConfig, RewardConfig
 from gmner_pipeline.stage import Record, Stage, StageConfig, mark_error
@@ -145,7 +146,8 @@ class GrpoFilterStage(Stage):
         if not outcome.complete:
             why = f"{group.error_kind}: {group.error}" if group.error else "the policy returned too few samples"
             mark_error(record, self.name, f"{INCOMPLETE}: {len(group.texts)} of {cfg.samples} samples came back "
-                                          f"({why}); rerun the stage once the policy answers")
+                                          f"({why}); rerun the stage once the policy answers",
+                       transient=group.error_kind in TRANSIENT_KINDS)
             self.count(f"{INCOMPLETE}:{group.error_kind or 'short'}")
         elif outcome.column["keep"]:
             self.count("kept")

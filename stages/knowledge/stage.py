@@ -30,6 +30,7 @@ from gmner_pipeline.keyed import TableKey
 from gmner_pipeline.llm.config import LLMConfig
 from gmner_pipeline.llm.identity import role_identity
 from gmner_pipeline.llm.request import LLMRequest, LLMResult
+from gmner_pipeline.schema import ERROR_PERMANENT, ERROR_TRANSIENT
 from gmner_pipeline.stage import Record, Stage, StageSetupError, mark_error
 
 from .config import KnowledgeConfig
@@ -182,7 +183,8 @@ class KnowledgeStage(Stage):
         if len(usable) < cfg.min_generators:
             why = "; ".join(f"{a.role}: {a.error}" for a in answers if not a.ok)
             return self._fail(value, "too_few_generators", f"only {len(usable)} of {len(answers)} generators gave a "
-                              f"usable answer (min_generators={cfg.min_generators}): {why}")
+                              f"usable answer (min_generators={cfg.min_generators}): {why}",
+                              transient=any(a.transient for a in answers))
         fine_type, support = choose_fine_type(usable, allowed, None)
         if not any(a.aspects for a in usable):
             self.count("all_non_answers")
@@ -226,6 +228,7 @@ class KnowledgeStage(Stage):
                                   text=res.text if res.ok else "")
             if not res.ok:
                 ans.error = f"{res.error_kind}: {res.error}"
+                ans.transient = res.transient  # an endpoint down, not the entity: a rerun asks again
                 self.count(f"generator_failed:{res.error_kind}")
             else:
                 read_generator(ans, template.aspect_names, allowed, self.non_answers, truncated=_cut(res))
@@ -249,7 +252,8 @@ class KnowledgeStage(Stage):
         res = await self.llm.client(cfg.voter).acomplete(request)
         self._tokens(value, cfg.voter, res)
         if not res.ok:
-            self._fail(value, f"voter_{res.error_kind}", f"voter {cfg.voter}: {res.error_kind}: {res.error}")
+            self._fail(value, f"voter_{res.error_kind}", f"voter {cfg.voter}: {res.error_kind}: {res.error}",
+                       transient=res.transient)
             return None
         from gmner_pipeline.answer import close_json, parse_json_object
 
@@ -270,7 +274,8 @@ class KnowledgeStage(Stage):
         res = await self.llm.client(cfg.summary).acomplete(request)
         self._tokens(value, cfg.summary, res)
         if not res.ok:
-            self._fail(value, f"summary_{res.error_kind}", f"summary {cfg.summary}: {res.error_kind}: {res.error}")
+            self._fail(value, f"summary_{res.error_kind}", f"summary {cfg.summary}: {res.error_kind}: {res.error}",
+                       transient=res.transient)
             return False
         text = " ".join(_strip_tags(res.text).split())
         if _cut(res):
@@ -300,10 +305,13 @@ class KnowledgeStage(Stage):
         value["notes"].append(note)
         return value
 
-    def _fail(self, value: dict[str, Any], why: str, message: str) -> dict[str, Any]:
+    def _fail(self, value: dict[str, Any], why: str, message: str, transient: bool = False) -> dict[str, Any]:
+        """The entity failed. ``transient`` (an endpoint down, retries spent): its table value is computed again by
+        a rerun's repair (``run.redo_errors``), and the records that need it are marked transient errors too."""
         self.count(f"entity_failed:{why}")
         value["status"] = STATUS_ERROR
         value["error"] = message
+        value["error_kind"] = ERROR_TRANSIENT if transient else ERROR_PERMANENT
         return value
 
     def _finish(self, value: dict[str, Any], fine_type: str | None, support: list[str], mapping: TypeMapping,
@@ -324,22 +332,25 @@ class KnowledgeStage(Stage):
                 record["knowledge"] = []
                 continue
             items, failures, prompt_tokens, completion_tokens = [], [], 0, 0
+            transient = True  # the record's failure is transient when every failed entity's is
             for tk in keys:
                 value = self.table.get(tk.key)
                 if value is None:
                     failures.append(f"{tk.item['entity']!r} is missing from the keyed table (rerun the stage)")
+                    transient = False
                     continue
                 if value.get("status") == STATUS_ERROR:
                     failures.append(f"{value['entity'][:80]!r} ({value['type']}): {value.get('error')}")
+                    transient = transient and value.get("error_kind") == ERROR_TRANSIENT
                 if value.get("asked_for") == record["id"]:  # an entity's calls are charged to one record
                     prompt_tokens += sum(t["prompt_tokens"] for t in value["tokens"])
                     completion_tokens += sum(t["completion_tokens"] for t in value["tokens"])
-                items.append({k: v for k, v in value.items() if k not in ("error", "asked_for")})
+                items.append({k: v for k, v in value.items() if k not in ("error", "error_kind", "asked_for")})
             record["knowledge"] = items
             self.usage(record, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
             if failures:
                 self.count("records_failed")
-                mark_error(record, self.name, "no knowledge for " + "; ".join(failures)[:1500])
+                mark_error(record, self.name, "no knowledge for " + "; ".join(failures)[:1500], transient=transient)
         return records
 
 

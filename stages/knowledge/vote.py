@@ -62,6 +62,7 @@ class GeneratorAnswer:
     text: str
     ok: bool = False
     error: str | None = None
+    transient: bool = False  # the request failed for a reason outside it (llm.LLMResult.transient)
     fine_type_raw: str | None = None  # as written
     fine_type: str | None = None  # validated against the ontology
     aspects: dict[str, str] = field(default_factory=dict)  # stated aspects only (non-answers removed)

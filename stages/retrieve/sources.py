@@ -14,7 +14,7 @@ import numpy as np
 from .config import LocalCorpusSource, RetrieveConfig, WebSearchSource
 from .corpus import CorpusIndex, build_or_load_index, enumerate_items
 from .download import SafeDownloader
-from .web import SearchClient, SearchError, api_key
+from .web import SearchClient, SearchError, api_key, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ class Candidate:
 class CandidateSet:
     candidates: list[Candidate] = field(default_factory=list)
     error: str | None = None  # the source could not answer this query at all
+    transient: bool = False  # ... for a reason a rerun may not meet (the search API unreachable or overloaded)
 
 
 class ImageSource:
@@ -134,7 +135,7 @@ class WebSearchImageSource(ImageSource):
         out = []
         for f in found:
             if isinstance(f, SearchError):
-                out.append(CandidateSet(error=f"image search failed: {f}"))
+                out.append(CandidateSet(error=f"image search failed: {f}", transient=is_transient(f)))
                 continue
             cands = []
             for url in f:

@@ -143,7 +143,7 @@ class RetrieveStage(Stage):
                                      "chosen_score": None, "alpha": cfg.alpha, "model_id": self.encoder.model_id}
         rec["retrieval"] = retrieval
         if cset.error:
-            mark_error(rec, self.name, cset.error)
+            mark_error(rec, self.name, cset.error, transient=cset.transient)
             self.counts["error"] += 1
             return
         scores: list[float | None] = [

@@ -21,6 +21,11 @@ class _Retryable(SearchError):
     pass
 
 
+def is_transient(exc: SearchError) -> bool:
+    """The search failed for a reason a later run may not meet (unreachable, 429, 5xx after the retries)."""
+    return isinstance(exc, _Retryable)
+
+
 def dig(value: Any, dotted: str) -> Any:
     """Follow ``a.b.0.c`` through dicts and lists; None when any step is missing."""
     for part in (p for p in dotted.split(".") if p):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import yaml
 
 from conftest import write_gmner_dataset
 from gmner_pipeline.shards import read_markers
+from gmner_pipeline.latest import load_latest
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ def test_run_with_address_spreads_a_stage_over_two_nodes(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "gmner_pipeline.cli", "run", "--config", str(tmp_path / "c.yaml"),
                                "--address", cluster.address], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        final = Path(json.loads((tmp_path / "out" / "latest.json").read_text())["final_dir"])
+        final = Path(load_latest(tmp_path / "out")["final_dir"])
         markers = read_markers(final)
         assert len(markers) == 12
         assert len({m["node_id"] for m in markers.values()}) == 2  # both nodes did work

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from conftest import write_gmner_dataset
 from gmner_pipeline.answer import gold_triples, parse_answer, same_triples
 from gmner_pipeline.cli import app
+from gmner_pipeline.latest import load_latest
 from gmner_pipeline.testing import FakeOpenAI
 
 pytestmark = pytest.mark.integration
@@ -93,13 +94,14 @@ def test_run_synthesize_with_template_llm_and_mllm_styles(tmp_path, ray_local):
             FakeOpenAI("vl-teacher", reply_fn=copying_teacher) as vl:
         items = ["pipeline=[distill]", f"run.output_dir={out}", "source.limit=4",
                  "stages.distill.styles=[template, llm, mllm]",
+                 "stages.distill.llm.routes=[question_answer, few_conclusions]",  # the default run's fast setting: one
                  f"llm.roles.teacher.endpoints=[{{base_url: '{text.base_url}', model: text-teacher}}]",
                  f"llm.roles.vlm_teacher.endpoints=[{{base_url: '{vl.base_url}', model: vl-teacher}}]",
                  "llm.roles.vlm_teacher.frame={kind: qwen2_5_vl}", f"llm.cache.path={tmp_path / 'cache.sqlite'}"]
         run_cli("run", "synthesize", *[x for item in items for x in ("--set", item)])
         images = [p for s in vl.seen for p in s.body["messages"][1]["content"] if p["type"] == "image_url"]
     assert len(images) == 4 and all(i["image_url"]["url"].startswith("data:image/jpeg;base64,") for i in images)
-    latest = json.loads((out / "latest.json").read_text())
+    latest = load_latest(out)
     folder = Path(next(e["dir"] for e in latest["chain"] if e["stage"] == "distill"))
     records = [r for f in sorted(folder.glob("shard-*.parquet")) for r in pq.read_table(f).to_pylist()]
     by_style = {}
@@ -123,7 +125,7 @@ def test_embedded_smollm2_teacher_through_run_distill(tmp_path, ray_local):
                      "llm.roles.teacher.sampling={max_tokens: 48, seed: 0}", "--set",
                      f"llm.cache.path={tmp_path / 'cache.sqlite'}")
     assert "distill" in result.output
-    latest = json.loads((out / "latest.json").read_text())
+    latest = load_latest(out)
     folder = Path(next(e["dir"] for e in latest["chain"] if e["stage"] == "distill"))
     records = [r for f in sorted(folder.glob("shard-*.parquet")) for r in pq.read_table(f).to_pylist()]
     assert len(records) == 3 and all(r["status"] == "ok" for r in records)

@@ -18,6 +18,7 @@ import yaml
 from conftest import write_gmner_dataset
 from gmner_pipeline import runner
 from gmner_pipeline.config import load_config
+from gmner_pipeline.latest import load_latest
 from gmner_pipeline.shards import iter_committed_records
 from support.grpo import ScriptedPolicy
 
@@ -84,7 +85,7 @@ def test_cli_run_grpo_filter_with_the_embedded_policy(tmp_path):
          "--set", "run.progress=false", "--set", f"llm.cache.path={tmp_path / 'cache.sqlite'}"],
         env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    final = Path(json.loads((out / "latest.json").read_text())["final_dir"])
+    final = Path(load_latest(out)["final_dir"])
     records = list(iter_committed_records(final))
     groups = [r for r in records if r["grpo"]]
     assert groups and len(groups) == sum(r["cot"]["split"] == "D2" for r in records)

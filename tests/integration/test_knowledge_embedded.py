@@ -14,6 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from gmner_pipeline.cli import app
+from gmner_pipeline.latest import load_latest
 from gmner_pipeline.shards import iter_committed_records
 
 pytestmark = [pytest.mark.integration,
@@ -50,7 +51,7 @@ def test_run_knowledge_with_the_embedded_server_then_show_and_view(tmp_path, ray
     path.write_text(yaml.safe_dump(config))
     result = cli.invoke(app, ["run", "knowledge", "--config", str(path)])
     assert result.exit_code == 0, result.output
-    latest = json.loads((tmp_path / "out" / "latest.json").read_text())
+    latest = load_latest(tmp_path / "out")
     assert latest["stages"]["knowledge"]["table_units"] == [2, 2]
     records = list(iter_committed_records(latest["final_dir"]))
     assert len(records) == 3

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from gmner_pipeline.shards import SHARD_GLOB, read_markers, read_records
+from gmner_pipeline.latest import load_latest
 from ray_cli import VENV_BIN, cluster_env, ray_head, sample_ids
 
 pytestmark = pytest.mark.integration
@@ -48,7 +49,7 @@ def test_ray_job_submit_runs_the_sample_exactly_once(tmp_path):
         again = submit(url, job_dir, "gmner-pipeline", "run", "synthesize", "--config", "my.yaml")
         assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
 
-    summary = json.loads((out / "latest.json").read_text())
+    summary = load_latest(out)
     assert summary["ok"] is True
     final = Path(summary["final_dir"])
     assert final.parent.name == "template_cot" and final.is_relative_to(out)

@@ -4,7 +4,6 @@ in flight to the endpoint across all the actors of the run."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 import yaml
 
 from conftest import write_gmner_dataset
+from gmner_pipeline.latest import load_latest
 from gmner_pipeline.shards import iter_committed_records, read_markers
 from gmner_pipeline.testing import FakeOpenAI
 
@@ -66,7 +66,7 @@ def test_an_llm_stage_runs_on_ray_with_the_run_wide_concurrency_bound(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert srv.calls == 12
         assert srv.max_in_flight <= 2  # 2 actors, 1 request each: the endpoint's bound holds for the whole run
-    final = Path(json.loads((tmp_path / "out" / "latest.json").read_text())["final_dir"])
+    final = Path(load_latest(tmp_path / "out")["final_dir"])
     records = list(iter_committed_records(final))
     assert len(records) == 12
     for rec in records:

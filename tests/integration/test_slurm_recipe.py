@@ -10,7 +10,6 @@ end by the recipe's own trap.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -22,6 +21,7 @@ import pytest
 import yaml
 
 from gmner_pipeline.shards import SHARD_GLOB, read_markers, read_records
+from gmner_pipeline.latest import load_latest
 from ray_cli import cluster_env, end_processes_naming, free_ports, sample_ids, short_temp_dir
 
 pytestmark = pytest.mark.integration
@@ -97,7 +97,7 @@ def test_slurm_recipe_starts_ray_runs_the_sample_and_stops(tmp_path):
     assert "Ray stopped" in log
     assert leftover == [], f"the recipe left Ray processes running: {leftover}"
 
-    summary = json.loads((out / "latest.json").read_text())
+    summary = load_latest(out)
     final = Path(summary["final_dir"])
     markers = read_markers(final)
     assert sorted(markers) == list(range(summary["ingest"]["num_shards"]))

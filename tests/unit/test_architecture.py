@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 # the repository's folders and the import package each becomes (setup.py holds the same mapping)
 FOLDERS = {"pipeline": "gmner_pipeline", "stages": "gmner_pipeline/stages", "prompts": "gmner_pipeline/prompts",
            "configs": "gmner_pipeline/configs", "train": "gmner_pipeline/train"}
-RESOURCES = (".py", ".txt", ".yaml", ".xml", ".md")
+RESOURCES = (".py", ".txt", ".yaml", ".xml", ".md", ".onnx")
 
 
 def checkout_files() -> list[str]:
@@ -68,6 +68,7 @@ def test_the_wheel_holds_every_module_and_resource(wheel):
     assert not missing, f"not in the wheel (a package without __init__.py, or package-data?): {missing[:10]}"
     assert "gmner_pipeline/testing/fake_openai.py" in names  # the stage authors' test helpers ship
     assert not [n for n in names if "tiny_vllm" in n]  # test-only helpers do not
+    assert "gmner_pipeline/stages/annotate/models/rtmdet-nano-person.onnx" in names  # the default run's detector
 
 
 def test_every_module_imports_from_the_installed_layout(wheel, tmp_path):

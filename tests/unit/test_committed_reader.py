@@ -30,7 +30,7 @@ def stage_dir(tmp_path):
     write_records(shard_path(d, 0), [rec(0), rec(1)])
     commit_shard(d, 0, {"records_in": 2, "records_ok": 2})
     write_records(shard_path(d, 1), [rec(2, "stale"), rec(3, "stale")])
-    commit_shard(d, 2, {"records_in": 5, "records_ok": 5})
+    write_json_atomic(marker_path(d, 2), {"records_in": 5, "records_ok": 5})
     write_json_atomic(out / "latest.json", {"run_id": "r", "ingest": {"num_shards": 3}, "final_dir": str(d),
                                             "chain": [{"stage": "template_cot", "key": "k", "dir": str(d)}]})
     return d

@@ -378,6 +378,7 @@ def test_dead_teacher_marks_records_with_a_transient_error_and_the_run_goes_on(t
     srv.stop()
     assert out[0]["status"] == "error" and out[0]["error_stage"] == "distill"
     assert "teacher 'teacher'" in out[0]["error"] and "transient" in out[0]["error"]
+    assert out[0]["error_kind"] == "transient"  # a rerun redoes it (run.redo_errors)
     assert out[1]["status"] == "ok" and out[1]["cot"]["skipped"] == "not_training_split"  # the rest goes on
 
 

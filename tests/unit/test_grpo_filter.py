@@ -127,6 +127,19 @@ def test_a_failed_request_is_recorded_not_shortened():
     assert g["responses"] == [None] * 8 and g["rewards"] == [None] * 8
     assert (g["keep"], g["reason"]) == (False, "incomplete_group")
     assert counters == {**counters, "incomplete_group:bad_request": 1, "kept": 1}
+    assert failed["error_kind"] == "permanent"  # the request itself is wrong: a rerun would fail the same way
+
+
+def test_a_policy_down_is_a_transient_error_a_rerun_redoes():
+    scripts = {"keep": GROUPS["keep"][0], "weak": GROUPS["weak"][0]}
+    with ScriptedPolicy(by_key(scripts)) as srv:
+        srv.fault_fn = lambda body, i: Fault.status_code(503) if "Paris weak" in json.dumps(body["messages"]) \
+            else None
+        out, counters = run([record("keep"), record("weak")], srv,
+                            retry={"max_attempts": 2, "initial_backoff_s": 0.01, "max_total_s": 2})
+    ok, failed = out
+    assert ok["status"] == "ok" and failed["status"] == "error" and failed["error_kind"] == "transient"
+    assert counters["incomplete_group:retries_exhausted"] == 1
 
 
 def test_a_server_that_ignores_n_is_topped_up_and_a_lost_top_up_is_recorded():

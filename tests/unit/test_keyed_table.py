@@ -243,3 +243,179 @@ def test_the_keyed_example_in_writing_a_stage_runs():
         for i, name in ((3, "Ada"), (1, "Ada"), (2, "Alan"))]
     out = run_stage(namespace["LengthOfEntity"], recs)
     assert [r["knowledge"][0]["context_id"] for r in out] == ["s/train/1", "s/train/1", "s/train/2"]
+
+
+# --- robustness: units are committed, checked, watched and repaired like shards -------------------------------------
+
+FLAKY: set[str] = set()  # keys FlakyKeyed fails transiently (an endpoint down while it asked about them)
+FLAKY_KEYED = "test_keyed_table:FlakyKeyed"
+
+
+class FlakyKeyed(KeyedEcho):
+    """KeyedEcho whose keys in ``FLAKY`` fail with a transient error; a record that needs one fails transiently."""
+
+    name = "flaky_keyed"
+
+    def build_table(self, items):
+        values = super().build_table(items)
+        for k in set(values) & FLAKY:
+            values[k] = {"status": "error", "error_kind": "transient", "error": "endpoint down"}
+        return values
+
+    def process(self, records):
+        from gmner_pipeline.stage import mark_error
+
+        out = []
+        for r in records:
+            failed = [k.key for k in self.table_keys(r) if self.table[k.key].get("status") == "error"]
+            if failed:
+                out.append(mark_error(r, self.name, f"no value for {failed}", transient=True))
+            else:
+                out.extend(super().process([r]))
+        return out
+
+
+def test_a_damaged_unit_is_built_again_and_unit_markers_record_file_and_input(tmp_path):
+    from gmner_pipeline.keyed import check_unit, input_fingerprint, unit_path
+
+    plan, ctx, n = plan_for(tmp_path, "out", units=3)
+    execute(plan, ctx, n)
+    upstream, keyed = plan.stages
+    tdir = table_dir(keyed.dir)
+    marker, problem = check_unit(tdir, 1)
+    assert problem is None and marker["file"]["rows"] == marker["keys"] and marker["file"]["bytes"] > 0
+    assert marker["input_commit"] == input_fingerprint(upstream.dir, n) and marker["commit_id"]
+    unit_path(tdir, 1).write_bytes(unit_path(tdir, 1).read_bytes()[:-10])  # truncated after its commit
+    assert "bytes" in check_unit(tdir, 1)[1]
+    for i in committed_indices(keyed.dir):  # the stage's shards must run again, so the table is needed
+        marker_path(keyed.dir, i).unlink()
+    progress, ex = execute(plan, ctx, n)
+    assert not any(p.failed for p in progress.values())
+    assert [r for r in ex.ran if r[0] == "unit"] == [("unit", 1, 1)]  # only the damaged unit
+    assert check_unit(tdir, 1)[1] is None and len(knowledge_by_id(plan)) == 23
+
+
+def test_transient_key_failures_are_repaired_by_a_rerun_key_by_key(tmp_path):
+    FLAKY.clear()
+    FLAKY.add("E3")
+    try:
+        plan, ctx, n = plan_for(tmp_path, "out", units=3, pipeline=("passthrough", FLAKY_KEYED))
+        execute(plan, ctx, n)
+    finally:
+        FLAKY.clear()
+    keyed = plan.stages[-1]
+    records = {r["id"]: r for r in iter_committed_records(keyed.dir)}
+    bad = sorted(i for i, r in records.items() if r["status"] == "error")
+    assert bad == [f"twitter-gmner-v2/train/{2000 + i}" for i in range(23) if i % 7 == 3]
+    assert all(records[i]["error_kind"] == "transient" for i in bad)
+    # --redo-errors none: nothing is redone
+    BUILT.clear()
+    ex = PoolExecutor(plan, ctx)
+    Scheduler(ShardBook(plan, n, "none"), ex, 3).run()
+    assert ex.ran == [] and BUILT == []
+    # the default: only E3's unit is repaired (only E3 computed again), then only the shards holding its records
+    BUILT.clear()
+    ex = PoolExecutor(plan, ctx)
+    progress = Scheduler(ShardBook(plan, n), ex, 3).run()
+    assert not any(p.failed for p in progress.values())
+    units = keyed.config.resources.table_units
+    assert [r for r in ex.ran if r[0] == "unit"] == [("unit", 1, unit_of("E3", units))] and BUILT == ["E3"]
+    assert sorted(r[2] for r in ex.ran if r[0] == "shard") == [i // 4 for i in (3, 10, 17)]
+    assert progress[FLAKY_KEYED].repaired_now == 3 and progress[FLAKY_KEYED].records_redone == 3
+    after = {r["id"]: r for r in iter_committed_records(keyed.dir)}
+    assert all(r["status"] == "ok" for r in after.values()) and len(after) == 23
+    assert {i: r for i, r in after.items() if i not in bad} == {i: r for i, r in records.items() if i not in bad}
+    ex = PoolExecutor(plan, ctx)
+    Scheduler(ShardBook(plan, n), ex, 3).run()
+    assert ex.ran == []  # nothing left to repair
+
+
+def test_the_watchdog_ends_a_stuck_unit_as_a_shard():
+    import os
+    import tempfile
+
+    from gmner_pipeline.keyed import TableRef
+    from gmner_pipeline.scheduler import Watchdog
+    from gmner_pipeline.shards import beat_path
+
+    with tempfile.TemporaryDirectory() as tdir:
+        task = TableTask(1, 2, TableRef(tdir, 3), tdir, 4)
+        now = [0.0]
+        dog = Watchdog(None, 10.0, clock=lambda: now[0])
+        assert dog.stuck([task]) == []  # not started: no beat file yet
+        beat_path(tdir, 2).write_bytes(b"")
+        assert dog.stuck([task]) == []
+        now[0] = 5.0
+        os.utime(beat_path(tdir, 2), ns=(1, 1))  # a batch done: progress
+        assert dog.stuck([task]) == []
+        now[0] = 16.0
+        stuck = dog.stuck([task])
+        assert [t for t, _ in stuck] == [task] and "no progress" in stuck[0][1]
+
+
+def test_a_keyed_stage_runs_under_the_local_executor_end_to_end(tmp_path):
+    import json
+
+    from gmner_pipeline.keyed import check_unit
+    from gmner_pipeline.runner import run
+
+    data = write_dataset(tmp_path / "data", 11)
+    config = load_config(None, [f"run.output_dir={tmp_path / 'out'}", "run.shard_size=4", "run.executor=local",
+                                f"source={{kind: twitter_gmner, path: {data}}}", f"pipeline=['passthrough', '{KEYED}']",
+                                f"stages[{KEYED}].resources.table_units=2"])
+    result = run(config)
+    assert result.ok and not result.failed and result.stages[KEYED].units_done == 2
+    tdir = table_dir(result.plan.stages[-1].dir)
+    assert all(check_unit(tdir, u)[1] is None for u in range(2))
+    assert len(knowledge_by_id(result.plan)) == 11 and Counter(BUILT) == Counter(
+        {f"E{i}": 1 for i in range(7)} | {f"F{i}": 1 for i in range(3)})
+    latest = json.loads((tmp_path / "out" / "latest.json").read_text())
+    assert not Path(latest["final_dir"]).is_absolute()
+    BUILT.clear()
+    again = run(config)  # a rerun computes nothing
+    assert again.ok and BUILT == [] and again.stages[KEYED].processed_now == 0
+
+
+FLAKY_UP: set[int] = set()  # tweet numbers FlakyUpstream fails transiently
+FLAKY_UPSTREAM = "test_keyed_table:FlakyUpstream"
+
+
+class FlakyUpstream(Stage):
+    """A stage before a keyed one whose records in ``FLAKY_UP`` fail transiently (an endpoint down)."""
+
+    name = "flaky_upstream"
+    reads = frozenset()
+    writes = frozenset()
+
+    def process(self, records):
+        from gmner_pipeline.stage import mark_error
+
+        return [mark_error(r, self.name, "endpoint down", transient=True)
+                if int(r["id"].rsplit("/", 1)[1]) - 2000 in FLAKY_UP else r for r in records]
+
+
+def test_an_input_repaired_upstream_rebuilds_the_table_before_the_keyed_repairs(tmp_path):
+    FLAKY_UP.clear()
+    FLAKY_UP.update(i for i in range(23) if i % 7 == 3)  # the only tweets that mention E3
+    try:
+        plan, ctx, n = plan_for(tmp_path, "out", units=3, pipeline=(FLAKY_UPSTREAM, KEYED))
+        execute(plan, ctx, n)
+    finally:
+        FLAKY_UP.clear()
+    first = knowledge_by_id(plan)
+    assert "E3" not in BUILT and sum(1 for r in iter_committed_records(plan.stages[-1].dir)
+                                     if r["status"] == "error") == 3
+    progress, ex = execute(plan, ctx, n)  # the endpoint is back: upstream repairs, then the keyed stage's
+    assert not any(p.failed for p in progress.values())
+    assert progress[FLAKY_UPSTREAM].repaired_now == 3 and progress[KEYED].repaired_now == 3
+    assert "E3" in BUILT  # the table was rebuilt from the repaired input
+    last_upstream = max(i for i, r in enumerate(ex.ran) if r[:2] == ("shard", 0))
+    first_unit = min(i for i, r in enumerate(ex.ran) if r[0] == "unit")
+    first_keyed = min(i for i, r in enumerate(ex.ran) if r[:2] == ("shard", 1))
+    assert last_upstream < first_unit < first_keyed  # repairs upstream, then the table, then the keyed repairs
+    after = {r["id"]: r for r in iter_committed_records(plan.stages[-1].dir)}
+    assert all(r["status"] == "ok" for r in after.values())
+    assert after["twitter-gmner-v2/train/2010"]["knowledge"][0]["entity"] == "E3"
+    assert {i: k for i, k in knowledge_by_id(plan).items() if first[i]} == {i: k for i, k in first.items() if k}
+    progress, ex = execute(plan, ctx, n)
+    assert ex.ran == []  # nothing left to do

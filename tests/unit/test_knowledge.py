@@ -229,9 +229,18 @@ def test_too_few_usable_generators_is_a_clear_record_error_and_nothing_is_lost()
     assert "'Kevin Love' (PER)" in bad["error"] and "only 1 of 3 generators" in bad["error"]
     assert "knowledge_gen_2: unparsable" in bad["error"] and "knowledge_gen_3: retries_exhausted" in bad["error"]
     assert bad["knowledge"][0]["status"] == "error"  # the answers stay for the audit
+    # a generator down (retries exhausted) is not the entity's fault: a rerun asks again (run.redo_errors)
+    assert bad["error_kind"] == "transient" and "error_kind" not in bad["knowledge"][0]
     assert bad["knowledge"][0]["answers"][1]["text"] == "lorem ipsum dolor sit amet"
     assert counters["generator_failed:unparsable"] == 2 and counters["entity_failed:too_few_generators"] == 2
     assert counters["records_failed"] == 2 and len(out) == 2
+
+
+def test_an_unparsable_answer_alone_is_a_permanent_failure():
+    gens = [person(gender="A man."), "lorem ipsum", "dolor sit amet"]
+    with fakes(gens, "{}") as (llm, servers):
+        out = run([KEVIN], llm, {})
+    assert out[0]["status"] == "error" and out[0]["error_kind"] == "permanent"
 
 
 def test_a_dead_voter_is_a_record_error_with_the_reason():
@@ -241,6 +250,7 @@ def test_a_dead_voter_is_a_record_error_with_the_reason():
         dead(servers[2])
         out = run([KEVIN], llm, counters)
     assert out[0]["status"] == "error" and "voter knowledge_voter: retries_exhausted" in out[0]["error"]
+    assert out[0]["error_kind"] == "transient"
     assert counters["entity_failed:voter_retries_exhausted"] == 1
 
 
@@ -491,5 +501,5 @@ def test_the_bundled_knowledge_configs_load_and_plan(tmp_path, monkeypatch):
         plan = plan_run(cfg)
         assert plan.stages[0].cls is KnowledgeStage and len(KnowledgeStage.llm_roles(cfg.stages["knowledge"])) >= 4
     sample = load_config("sample", [f"run.output_dir={tmp_path / 's'}"])
-    assert stages_for_command(sample, "knowledge") == ["knowledge"]  # `run knowledge` on the default sample
+    assert stages_for_command(sample, "knowledge") == ["annotate", "knowledge"]  # `run knowledge` on the default
     assert sample.stages["knowledge"].max_aspects  # with the fast settings

@@ -3,7 +3,7 @@ authentication is off never is."""
 
 import logging
 
-from gmner_pipeline.ray_executor import local_auth_mode
+from gmner_pipeline.ray_local import local_auth_mode
 
 NAME = "ray._private.authentication.authentication_token_setup"
 
