@@ -203,7 +203,7 @@ class Tally:
                 self.grounded_entities += 1
                 self.visible_entities += n > 0
         det = rec.get("detections")
-        if det:
+        if det and det.get("boxes"):  # the detector ran on every record; count those where it found something
             self.records_with_detections += 1
             for d in det.get("boxes") or []:
                 self.detector_labels[d.get("label") or "-"] += 1
@@ -219,6 +219,17 @@ class Tally:
             self.rejections[(*key, ch["rejection"].split(":", 1)[0].strip())] += 1
         if ch.get("prompt_tokens") is not None or ch.get("completion_tokens") is not None:
             self.chain_calls.append((key[1], int(ch.get("prompt_tokens") or 0), int(ch.get("completion_tokens") or 0)))
+
+
+def writes_chains(stage: str) -> bool:
+    """Whether ``stage`` writes the ``cot`` column: only its tokens are the chains' own (a later stage may call the
+    same model, e.g. the embedded server as teacher and as policy)."""
+    try:
+        from ..stages import load_stage
+
+        return "cot" in load_stage(stage).writes
+    except Exception:  # noqa: BLE001 - a stage this installation does not know: judge by the name
+        return stage in ("distill", "template_cot")
 
 
 def role_tokens(stages: list[dict[str, Any]], tally: Tally) -> list[dict[str, Any]]:
@@ -242,7 +253,7 @@ def role_tokens(stages: list[dict[str, Any]], tally: Tally) -> list[dict[str, An
                     row[1] += int(call.get("completion_tokens") or 0)
             continue
         chain_models = {m for m, _, _ in tally.chain_calls}
-        if tally.chain_calls and chain_models & set(by_model):
+        if tally.chain_calls and writes_chains(name) and chain_models & set(by_model):
             for model, p, c in tally.chain_calls:
                 owners = by_model.get(model) or []
                 if owners:

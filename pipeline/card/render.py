@@ -164,6 +164,10 @@ def _statistics(facts: dict[str, Any], plots: list[tuple[str, str]]) -> list[str
         share = facts["visible_entities"] / facts["grounded_entities"]
         out += [f"{facts['grounded_entities']} entities with grounding labels, {100 * share:.1f}% of them visible "
                 "(at least one gold box)."]
+    if facts["detector_labels"]:
+        boxes = sum(facts["detector_labels"].values())
+        out.append(f"Detector: {boxes} boxes on {facts['records_with_detections']} of {facts['population']} records "
+                   f"({_counts(facts['detector_labels'])}).")
     out.append("")
     if facts["entity_types"]:
         out += [_table(["type", "entities"], [[k, v] for k, v in facts["entity_types"].items()]), ""]

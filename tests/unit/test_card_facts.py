@@ -44,6 +44,12 @@ def test_new_stage_fields_feed_tokens_costs_and_teacher_consistency():
     for i in range(4):
         tally.add(_record(i), with_dataset=True)
     assert tally.chains[("llm", "qwen72b")] == 4 and tally.consistent[("llm", "qwen72b")] == 2
+    assert tally.records_with_detections == 4 and tally.detector_labels == {"person": 4}
+    nothing_found = _record(9)
+    nothing_found["detections"] = {"boxes": []}  # the detector ran and found nothing: not a record with detections
+    empty = Tally()
+    empty.add(nothing_found, with_dataset=True)
+    assert empty.records_with_detections == 0
     assert tally.rejections[("llm", "qwen72b", "wrong_box")] == 2
     rows = {(r["stage"], r["role"]): (r["prompt_tokens"], r["completion_tokens"]) for r in role_tokens(STAGES, tally)}
     assert rows[("knowledge", "gen_a")] == (20, 10)  # two entity keys, each computed once (not once per record)
@@ -106,3 +112,18 @@ def test_grpo_filter_section_reads_the_report_and_orders_rules_as_the_filter_app
     # without a report (an older run): the outcomes from the records only; without grpo: nothing
     assert "Groups: kept: 4" in "\n".join(_grpo_filter({**facts, "grpo_report": None}))
     assert _grpo_filter({"grpo_report": None, "group_outcomes": {}, "filter_thresholds": {}}) == []
+
+
+def test_a_later_stage_on_the_teachers_model_is_not_given_the_chains_tokens():
+    """The default run uses one embedded model as teacher and as policy: grpo_filter's tokens come from its own
+    lineage entries, the chains' tokens stay with distill."""
+    tally = Tally()
+    for i in range(2):
+        rec = _record(i)
+        rec["cot"]["chains"][1]["model_id"] = "policy@1"
+        rec["lineage"][1]["model_ids"] = ["policy@1"]
+        tally.add(rec, with_dataset=True)
+    stages = [{"stage": "distill", "roles": {"teacher": {"model": "policy@1"}}},
+              {"stage": "grpo_filter", "roles": {"policy": {"model": "policy@1"}}}]
+    rows = {(r["stage"], r["role"]): (r["prompt_tokens"], r["completion_tokens"]) for r in role_tokens(stages, tally)}
+    assert rows == {("distill", "teacher"): (200, 100), ("grpo_filter", "policy"): (80, 160)}
