@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
+from rich import box
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
@@ -96,21 +97,37 @@ def _llm(totals: dict[str, dict[str, Any]]) -> str:
                      for role, t in sorted(totals.items())) or "-"
 
 
-def summary_table(result: RunResult) -> Table:
-    table = Table(title=f"run {result.run_id}: {result.seconds:.1f} s", title_justify="left")
-    for col in ("stage", "shards done", "reused", "records in", "ok", "dropped", "errors", "records/s",
-                "stage counters"):
-        table.add_column(col, overflow="fold", justify="left" if col == "stage" else "right")
+def summary_table(result: RunResult) -> Group:
+    """The end-of-run summary: one narrow row of numbers per stage (it fits 80 columns, the width of a CI log), then a
+    line per stage with its drops and errors by reason and its counters, which would be unreadable folded into a cell.
+    ``s`` is the stage's worker time summed over its shards (what it cost, reused shards included); ``calls`` and
+    ``tokens`` are its LLM requests and their prompt + completion tokens."""
+    table = Table(title=f"run {result.run_id}: {result.seconds:.1f} s", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False, collapse_padding=True)
+    for col in ("stage", "shards", "reused", "in", "ok", "drop", "err", "rec/s", "s", "calls", "tokens"):
+        table.add_column(col, no_wrap=True, justify="left" if col == "stage" else "right")
     ing = result.ingest
     table.add_row("ingest", f"{ing['num_shards']}/{ing['num_shards']}", "", str(ing["records_in"]),
-                  str(ing["records_ok"]), "0", str(ing["records_error"]), "", "")
+                  str(ing["records_ok"]), "0", str(ing["records_error"]), "", "", "", "")
+    details = []
     for s in result.plan.stages:
         sp = result.stages[s.name]
         t = stage_totals(s.dir)
+        llm = t.get("llm") or {}
+        calls = sum(r.get("requests", 0) for r in llm.values())
+        tokens = sum(r.get("prompt_tokens", 0) + r.get("completion_tokens", 0) for r in llm.values())
         table.add_row(s.name, f"{sp.done}/{sp.total}", str(sp.done - sp.processed_now), str(t["records_in"]),
                       str(t["records_ok"]), str(t["records_dropped"]), str(t["records_error"]),
-                      f"{sp.records_per_s:.1f}" if sp.processed_now else "-", _reasons(t["counters"]))
-    return table
+                      f"{sp.records_per_s:.1f}" if sp.processed_now else "-", f"{t['seconds']:.1f}",
+                      f"{calls:,}" if llm else "", f"{tokens:,}" if llm else "")
+        parts = [(label, t[group]) for label, group in (("drops", "drop_reasons"), ("errors", "errors_by_stage"),
+                                                         ("counters", "counters")) if t[group]]
+        if parts:
+            line = Text(f"{s.name}: ", style="bold")
+            line.append(" | ".join(f"{label} " + ", ".join(f"{k} {v}" for k, v in sorted(
+                counts.items(), key=lambda kv: (-kv[1], kv[0]))) for label, counts in parts))
+            details.append(line)
+    return Group(table, *details)
 
 
 def run_notes(result: RunResult) -> list[str]:

@@ -5,12 +5,15 @@ full sample is what CI's first command (`gmner-pipeline run synthesize`) runs.""
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
+from rich.console import Console
 
 from gmner_pipeline import runner
 from gmner_pipeline.config import load_config
+from gmner_pipeline.report import summary_table
 from gmner_pipeline.shards import SHARD_GLOB, read_records
 
 pytestmark = pytest.mark.integration
@@ -39,6 +42,13 @@ def test_the_default_run_covers_the_whole_graph_and_a_rerun_asks_no_model(tmp_pa
     assert any(r.get("grpo") for r in records if r["cot"]["split"] == "D2") or \
         not any(r["cot"]["split"] == "D2" for r in records)
     assert (out / "dataset").is_dir() and (out / "reports" / "grpo_filter.json").is_file()
+
+    # the end-of-run summary fits a CI log's 80 columns: nothing cut, reasons and counters on their own lines
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(summary_table(result))
+    text = console.export_text()
+    assert "…" not in text and all(f" {name} " in text for name in GRAPH[:-1]) and "grpo_filter " in text
+    assert "distill: " in text and "template:consistent" in text
 
     cache = (tmp_path / "llm-cache.sqlite").stat().st_size
     again = runner.run(config)
