@@ -19,11 +19,38 @@ from .plan import stages_for_command
 from .stage import StageSetupError
 from .storage import location
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Distributed data synthesis for Grounded Multimodal NER.")
+app = typer.Typer(no_args_is_help=True, help="Distributed data synthesis for Grounded Multimodal NER.")
 console = Console(stderr=True)
 OUTPUT_HELP = ("The run's output folder: a local path, or a bucket URL (s3://bucket/prefix, gs://bucket/prefix; "
                "see docs/cluster.md).")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"gmner-pipeline {version('gmner-pipeline')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the installed version and exit."),
+) -> None:
+    """Distributed data synthesis for Grounded Multimodal NER: run the pipeline, look at its output, export it."""
+
+
+def _local_output(output_dir: Path, command: str) -> Path:
+    """``output_dir`` for a command that reads a local output folder only; a bucket URL (which typer's Path turned
+    into ``s3:/...``) stops with what to do."""
+    text = str(output_dir)
+    if text.startswith(("s3:/", "gs:/", "gcs:/")):
+        url = text.replace(":/", "://", 1)
+        _fail(f"`gmner-pipeline {command}` reads a local output folder, not a bucket; copy it first (e.g. `aws s3 "
+              f"sync {url} ./out` or `gcloud storage rsync -r {url} ./out`) and give ./out. `status`, `show` and `ids` "
+              "read a bucket directly")
+    return output_dir
 
 
 def _stdout() -> Console:
@@ -61,7 +88,8 @@ def run_command(
                                            "process, one shard at a time (a debugger, tiny runs); run.executor."),
     redo_errors: Optional[str] = typer.Option(None, "--redo-errors", help="Errors in committed shards to redo: "
                                               "'transient' (default), 'all' or 'none'; run.redo_errors."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level (the stages' and the LLM "
+                                 "client's details)."),
 ) -> None:
     """Run the pipeline (or part of it). Reruns skip every committed shard, redo damaged ones, and redo the records
     that failed for a transient reason (a dead endpoint, a timeout storm)."""
@@ -180,36 +208,119 @@ def status_command(output_dir: str = typer.Argument(..., help=OUTPUT_HELP)) -> N
 @app.command("show")
 def show_command(
     output_dir: str = typer.Argument(..., help=OUTPUT_HELP),
-    record_id: str = typer.Argument(..., help="Record id, e.g. twitter-gmner-v2/train/71044."),
+    record_id: str = typer.Argument(..., help="Record id, e.g. gmner-sample/train/astronaut (`gmner-pipeline ids` "
+                                    "lists them)."),
     stage: Optional[str] = typer.Option(None, help="Show the record as that stage wrote it (default: the last)."),
 ) -> None:
     """Print one record, readable: text, entities and boxes, every stage's results, lineage."""
-    from .report import OutputNotFound, find_record, print_record
+    from .report import OutputNotFound, RecordNotFound, StageNotInRun, find_record, print_record
 
     try:
         rec = find_record(location(output_dir), record_id, stage)
-    except (OutputNotFound, KeyError) as exc:
-        _fail(str(exc).strip("'\""))
+    except (OutputNotFound, RecordNotFound, StageNotInRun) as exc:
+        _fail(str(exc))
     print_record(rec, _stdout())
+
+
+@app.command("ids")
+def ids_command(
+    output_dir: str = typer.Argument(..., help=OUTPUT_HELP),
+    stage: Optional[str] = typer.Option(None, help="Ids as that stage wrote them (default: the last)."),
+    status: Optional[str] = typer.Option(None, help="Only records with this status: ok, dropped or error."),
+    limit: int = typer.Option(20, min=0, help="How many ids to print (0: all)."),
+    long: bool = typer.Option(False, "--long", "-l", help="Also print each record's status, drop reason or error "
+                              "stage, and its text."),
+) -> None:
+    """List record ids (for `gmner-pipeline show`), with their status."""
+    from .report import OutputNotFound, StageNotInRun, list_ids
+
+    try:
+        rows, total = list_ids(location(output_dir), stage, status, limit or None)
+    except (OutputNotFound, StageNotInRun, ValueError) as exc:
+        _fail(str(exc))
+    for row in rows:
+        if long:
+            why = row["drop_reason"] or row["error_stage"] or ""
+            typer.echo(f"{row['id']}\t{row['status']}\t{why}\t{(row['text'] or '')[:80]}")
+        else:
+            typer.echo(row["id"])
+    if total > len(rows):
+        console.print(f"{len(rows)} of {total} ids; --limit 0 lists all")
 
 
 @app.command("view")
 def view_command(
-    output_dir: str = typer.Argument(..., help=OUTPUT_HELP),
-    html_path: Optional[Path] = typer.Option(None, "--html",
-                                             help="Where to write the page (default: <out>/view.html)."),
-    limit: int = typer.Option(50, help="How many records to show."),
+    output_dir: Path = typer.Argument(..., help="The run's output folder."),
+    html_path: Optional[Path] = typer.Option(None, "--html", help="Where to write the page (default: "
+                                             "<out>/view/index.html; its files go beside it in <page>_files/)."),
+    limit: int = typer.Option(0, min=0, help="Only the first N records (0: all)."),
     stage: Optional[str] = typer.Option(None, help="Show records as that stage wrote them (default: the last)."),
 ) -> None:
-    """Write an HTML page: per-stage counts and records with their image, gold and detector boxes, and chains."""
-    from .html_view import write_html
-    from .report import OutputNotFound
+    """Write an HTML page of every record, paged and filterable (status, drop reason, chain style, teacher, GRPO
+    keep/drop and drop rule), each with its image, gold and detector boxes, knowledge, chains, rewards and the policy's
+    responses. Open it in a browser."""
+    from .report import OutputNotFound, StageNotInRun
+    from .view import write_view
 
     try:
-        path = write_html(location(output_dir), html_path, limit, stage)
-    except (OutputNotFound, KeyError) as exc:
-        _fail(str(exc).strip("'\""))
-    console.print(f"wrote {path}")
+        result = write_view(_local_output(output_dir, "view"), html_path, stage, limit or None)
+    except (OutputNotFound, StageNotInRun) as exc:
+        _fail(str(exc))
+    console.print(f"wrote {result.page} ({result.records} records, {result.images} images, "
+                  f"{result.bytes / 1e6:.1f} MB with its files)")
+
+
+@app.command("card")
+def card_command(output_dir: Path = typer.Argument(..., help="The run's output folder.")) -> None:
+    """Write the dataset card again: <out>/README.md (a Hugging Face card: `datasets.load_dataset(<out>)` returns
+    D1, D2 and D2_filtered) and its plots under <out>/card/, e.g. after setting card.prices in <out>/config.yaml."""
+    import time
+
+    from .card import write_card
+    from .report import OutputNotFound
+
+    t0 = time.perf_counter()
+    try:
+        path = write_card(_local_output(output_dir, "card"))
+    except OutputNotFound as exc:
+        _fail(str(exc))
+    console.print(f"wrote {path} ({time.perf_counter() - t0:.1f} s)")
+
+
+@app.command("export")
+def export_command(
+    output_dir: Path = typer.Argument(..., help="The run's output folder (its published dataset/<split>)."),
+    split: str = typer.Option("D1", "--split", help="D1, D2 or D2_filtered."),
+    fmt: str = typer.Option(..., "--format", "-f", help="swift (ms-swift JSONL), sharegpt (LLaMA-Factory), hf "
+                            "(Parquet with embedded images) or jsonl."),
+    to: Path = typer.Option(..., "--to", help="The folder to write into."),
+    images: str = typer.Option("relative", "--images", help="relative | absolute | copy (into <to>/images/); hf "
+                               "embeds the images."),
+    frame: str = typer.Option("original", "--frame", help="The coordinate frame of every box: original (pixels), "
+                              "qwen2_5_vl (pixels of the smart-resized image) or qwen2_vl (0-1000)."),
+    text_only: bool = typer.Option(False, "--text-only", help="No image in the prompt (the detector's boxes and the "
+                                   "knowledge go in as text)."),
+    chains: str = typer.Option("all", "--chains", help="all: one example per consistent chain; first: one per "
+                               "record."),
+) -> None:
+    """Export a published split for another trainer: the user turn from the student prompt builder, the assistant
+    turn from the record's chains. Dev and test records are never exported."""
+    from .export import ExportError, ExportRefused, export_split
+
+    choices = {"--images": (images, ("relative", "absolute", "copy")), "--chains": (chains, ("all", "first")),
+               "--frame": (frame, ("original", "qwen2_5_vl", "qwen2_vl"))}
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            _fail(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
+    try:
+        stats = export_split(_local_output(output_dir, "export"), split, fmt, to, images=images,
+                             frame=frame,  # type: ignore[arg-type]
+                             text_only=text_only, chains=chains)  # type: ignore[arg-type]
+    except (ExportError, ExportRefused) as exc:
+        _fail(str(exc))
+    skipped = ", ".join(f"{k} {v}" for k, v in stats.skipped.items())
+    console.print(f"{split}: {stats.examples} examples from {stats.records} records -> {to}"
+                  + (f" (skipped: {skipped}; first: {stats.errors[0]})" if skipped else ""))
 
 
 @app.command("teachers")

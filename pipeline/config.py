@@ -7,7 +7,6 @@ so every key anywhere in the file is checked before anything runs.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from .card.config import CardConfig
+from .config_errors import SectionInvalid, did_you_mean, explain
 from .configbase import ConfigError, Strict
 from .llm.config import LLMConfig
 from .splits import DatasetConfig
@@ -144,6 +145,8 @@ class RunConfig(Strict):
     stages: dict[str, Any] = Field(default_factory=dict, description="one section per stage, validated by the stage")
     llm: LLMConfig = Field(default_factory=LLMConfig, description="LLM endpoints per role (see docs/llm.md)")
     dataset: DatasetConfig = Field(default_factory=DatasetConfig, description="the D1 (SFT) / D2 (GRPO) split")
+    card: CardConfig = Field(default_factory=CardConfig, description="the dataset card <output>/README.md: title, "
+                             "licence, plots, prices per LLM role")
 
     @field_validator("pipeline")
     @classmethod
@@ -166,7 +169,13 @@ class RunConfig(Strict):
             if not is_known(name):
                 raise ValueError(f"stages.{name}: no such stage{_did_you_mean(name, STAGES)}; known: {sorted(STAGES)}")
             model = load_stage(name).Config
-            validated[name] = section if isinstance(section, StageConfig) else model.model_validate(section or {})
+            if isinstance(section, StageConfig):
+                validated[name] = section
+                continue
+            try:
+                validated[name] = model.model_validate(section or {})
+            except ValidationError as exc:  # keep the inner paths (stages.<name>.<key>) for the message
+                raise SectionInvalid(("stages", name), model, exc) from None
         for name in self.pipeline:
             if name not in validated:
                 validated[name] = load_stage(name).Config()
@@ -188,8 +197,7 @@ class RunConfig(Strict):
 # --- loading ---------------------------------------------------------------------------------------------------------
 
 def _did_you_mean(name: str, choices: Any) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return did_you_mean(name, list(choices))
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -277,17 +285,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = apply_overrides(expand_env(data), overrides or [])
     try:
         return RunConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_explain(exc, resolved)) from None
+    except (ValidationError, SectionInvalid) as exc:
+        raise ConfigError(_explain(exc, resolved, RunConfig, overrides)) from None
 
 
-def _explain(exc: ValidationError, path: Path | None) -> str:
-    where = f" in {path}" if path else ""
-    lines = [f"invalid config{where}:"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key (remove it, or check the spelling against the docs in README)")
-        else:
-            lines.append(f"  {loc or '(root)'}: {err['msg']}")
-    return "\n".join(lines)
+def _explain(exc: ValidationError | SectionInvalid, path: Path | None, model: type | None = None,
+             overrides: list[str] | None = None) -> str:
+    """The message of a config error: each problem with the path the user wrote, the file or ``--set`` it came
+    from, and a did-you-mean for unknown keys (``config_errors``)."""
+    sets = [(item, parse_override(item)[0]) for item in overrides or []]
+    return explain(exc, model or RunConfig, path, sets)

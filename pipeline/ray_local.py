@@ -81,11 +81,12 @@ def ray_session(config: RunConfig) -> Iterator[Any]:
     from . import reaper
 
     before = set(reaper.children(os.getpid())) if reaper.supported() else set()
-    if config.run.ray_dashboard:
-        ray.init(address="local", include_dashboard=True, **kwargs)
-    else:
-        with lean_head():
-            ray.init(address="local", include_dashboard=False, _system_config=LEAN_SYSTEM_CONFIG, **kwargs)
+    with local_auth_mode():
+        if config.run.ray_dashboard:
+            ray.init(address="local", include_dashboard=True, **kwargs)
+        else:
+            with lean_head():
+                ray.init(address="local", include_dashboard=False, _system_config=LEAN_SYSTEM_CONFIG, **kwargs)
     started = sorted(set(reaper.children(os.getpid())) - before) if reaper.supported() else []
     guard = reaper.Reaper(started) if started else None
     try:
@@ -96,3 +97,32 @@ def ray_session(config: RunConfig) -> Iterator[Any]:
         finally:
             if guard is not None:
                 guard.close()
+
+
+@contextlib.contextmanager
+def local_auth_mode() -> Iterator[None]:
+    """Quiet Ray's notice that token authentication is on, for a local instance the run starts itself.
+
+    Since Ray 2.59 a new local ``ray.init()`` turns token authentication on when ``RAY_AUTH_MODE`` is unset (a token
+    is generated once into ``~/.ray/auth_token``) and says so in a warning on every run. That is the protection we
+    want: the instance listens on the node's address, and without a token anyone who reaches it can run code, so we
+    keep it (``RAY_AUTH_MODE=disabled`` would silence the notice by removing the protection) and drop just that one
+    notice. Setting ``RAY_AUTH_MODE=token`` ourselves does not work once Ray is imported (its native config has read
+    the variable already). Ray's warning that authentication is *off* is never filtered.
+    """
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    quiet = _DropMessage("Token authentication is enabled for this Ray cluster")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,52 @@ from .latest import OutputNotFound, load_latest, require_stage_dirs
 from .shards import iter_committed_tables
 from .storage import location
 
-__all__ = ["OutputNotFound", "find_record", "load_latest", "print_record", "record_view", "run_notes",
-           "status_table", "summary_table"]
+__all__ = ["OutputNotFound", "RecordNotFound", "StageNotInRun", "find_record", "list_ids", "load_latest",
+           "print_record", "record_view", "run_notes", "stage_entry", "status_table", "summary_table"]
+
+
+class _Message(KeyError):
+    def __str__(self) -> str:  # a KeyError would print its message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+class StageNotInRun(_Message):
+    """A ``--stage`` that the last run did not have (the message lists those it had)."""
+
+
+class RecordNotFound(_Message):
+    """No record with that id (the message suggests close ids and ``gmner-pipeline ids``)."""
+
+
+def stage_entry(latest: dict[str, Any], stage: str | None) -> dict[str, Any]:
+    """The chain entry of ``stage`` in the last run (default: its last stage)."""
+    chain = latest["chain"]
+    if stage is None:
+        return chain[-1]
+    for entry in chain:
+        if entry["stage"] == stage:
+            return entry
+    raise StageNotInRun(f"stage {stage!r} is not in the last run; its stages: {[e['stage'] for e in chain]}")
+
+
+def list_ids(output_dir: str | Path, stage: str | None = None, status: str | None = None,
+             limit: int | None = None) -> tuple[list[dict[str, Any]], int]:
+    """Up to ``limit`` records (id, status, drop reason, error stage, text) of a stage's committed output, in shard
+    order, and how many match in all."""
+    if status is not None and status not in ("ok", "dropped", "error"):
+        raise ValueError(f"--status {status!r}: use ok, dropped or error")
+    latest = load_latest(output_dir)
+    entry = stage_entry(latest, stage)
+    require_stage_dirs(output_dir, latest, [entry["stage"]])
+    rows: list[dict[str, Any]] = []
+    total = 0
+    for _, table in iter_committed_tables(entry["dir"], ["id", "status", "drop_reason", "error_stage", "text"]):
+        if status is not None:
+            table = table.filter(pc.equal(table.column("status"), status))
+        total += table.num_rows
+        if limit is None or len(rows) < limit:
+            rows += table.slice(0, None if limit is None else limit - len(rows)).to_pylist()
+    return rows, total
 
 
 def _reasons(counts: dict[str, int]) -> Text:
@@ -101,10 +146,7 @@ def run_notes(result: RunResult) -> list[str]:
 
 def find_record(output_dir: str | Path, record_id: str, stage: str | None = None) -> dict[str, Any]:
     latest = load_latest(output_dir)
-    chain = latest["chain"]
-    entries = [e for e in chain if e["stage"] == stage] if stage else list(reversed(chain))
-    if not entries:
-        raise KeyError(f"stage {stage!r} is not in the last run; stages: {[e['stage'] for e in chain]}")
+    entries = [stage_entry(latest, stage)] if stage else list(reversed(latest["chain"]))
     require_stage_dirs(output_dir, latest, [e["stage"] for e in entries])
     for entry in entries:
         for path, table in iter_committed_tables(entry["dir"]):
@@ -114,7 +156,11 @@ def find_record(output_dir: str | Path, record_id: str, stage: str | None = None
                 rec["_stage"] = entry["stage"]
                 rec["_shard"] = str(path)
                 return rec
-    raise KeyError(f"no record with id {record_id!r} in {output_dir}; ids look like 'twitter-gmner-v2/train/71044'")
+    ids = [i for _, t in iter_committed_tables(entries[0]["dir"], ["id"]) for i in t.column("id").to_pylist()]
+    close = difflib.get_close_matches(record_id, ids, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else (f"; ids here look like {ids[0]}" if ids else "")
+    raise RecordNotFound(f"no record with id {record_id!r} in {output_dir}{hint} (list them: gmner-pipeline ids "
+                         f"{output_dir})")
 
 
 def record_view(rec: dict[str, Any]) -> Group:

@@ -33,6 +33,7 @@ from .output_lock import OutputLock, RunLockedError
 from .plan import RunPlan, plan_run
 from .scheduler import Executor, Scheduler, ShardBook, Watchdog
 from .shards import MANIFEST, remove_stale_temporaries, write_json_atomic
+from .storage import is_remote
 from .stage import StageContext
 from .summary import RunResult, StageProgress, run_summary, stage_totals
 
@@ -264,4 +265,25 @@ def run(config: RunConfig, stages: list[str] | None = None,
         summary = run_summary(result)
         write_json_atomic(out / "runs" / run_id / "summary.json", summary)
         write_json_atomic(out / "latest.json", summary)
+        if config.card.enabled and result.ok:
+            write_run_card(out)
     return result
+
+
+def write_run_card(output_dir: Any) -> None:
+    """The dataset card of the finished run (``<output>/README.md`` and its plots). A card that cannot be written is
+    a warning: the run's data stands, and ``gmner-pipeline card <output>`` can write it later."""
+    from .card import write_card
+
+    if is_remote(output_dir):  # the card and its plots are written and read as a local folder
+        log.info("dataset card: not written into a bucket; copy the output folder and run `gmner-pipeline card` "
+                 "on the copy")
+        return
+    t0 = time.perf_counter()
+    try:
+        path = write_card(output_dir)
+    except Exception as exc:  # noqa: BLE001 - a report must not fail a finished run
+        log.warning("dataset card not written (%s: %s); retry with `gmner-pipeline card %s`", type(exc).__name__,
+                    exc, output_dir)
+        return
+    log.info("dataset card: %s (%.1f s)", path, time.perf_counter() - t0)

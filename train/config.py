@@ -134,7 +134,7 @@ def load_train_config(preset: str | Path, overrides: list[str] | None = None, **
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc, path)) from None
+        raise ConfigError(_explain(exc, path, TrainConfig, list(overrides or []))) from None
 
 
 def save_config(config: TrainConfig, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:

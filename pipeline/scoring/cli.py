@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List
+from typing import Any, List
 
 import typer
 from rich.console import Console
@@ -59,6 +59,8 @@ def eval_command(
                           "(added; give training the same set: RewardConfig(types=...))")
         preds = load_predictions(pred, pred_field, [*config.types, *extra])  # type: ignore[arg-type]
         pairing = pair(gold_records, preds, missing)  # type: ignore[arg-type]
+        if pairing.samples and len(pairing.missing) == len(pairing.samples):
+            raise EvalInputError(no_match_message(pairing, len(preds.by_id), split))
     except (EvalInputError, ValueError, FileNotFoundError) as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
@@ -84,6 +86,17 @@ def eval_command(
     if preds.problems:
         console.print(f"[yellow]{len(preds.problems)} prediction problems[/yellow], first: {preds.problems[0]}")
     console.print(f"report: {out}")
+
+
+def no_match_message(pairing: Any, predictions: int, split: str) -> str:
+    """Why a run where no prediction pairs with a gold record is an error, with ids of both sides to compare."""
+    gold = pairing.missing[:2]
+    if not predictions:
+        return (f"no predictions were read, so none of the {len(pairing.samples)} gold records is scored; check "
+                "--pred (JSONL lines need an 'id')")
+    return (f"none of the {predictions} predictions matches one of the {len(pairing.samples)} gold records (gold "
+            f"ids look like {gold}, prediction ids like {pairing.unknown[:2]}): predict the same split (--split "
+            f"{split}) and keep the record ids or the sample keys (IMGIDs)")
 
 
 def report_table(report: EvalReport) -> Table:

@@ -194,6 +194,11 @@ def test_run_synthesize_into_a_bucket_reads_back_and_reruns_exactly_once(bucket,
     show = cli("show", out, record_id)
     assert show.returncode == 0, show.stderr[-2000:]
     assert record_id in show.stdout and "template" in show.stdout
+    ids = cli("ids", out, "--limit", "0")
+    assert ids.returncode == 0, ids.stderr[-2000:]
+    assert sorted(ids.stdout.split()) == sorted(expected)
+    card = cli("card", out)  # a command that needs a local folder says how to get one
+    assert card.returncode == 2 and "aws s3 sync s3://" in " ".join(card.stderr.split())
 
     again = cli("run", "synthesize", "--config", str(config))
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]

@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from gmner_pipeline.html_view import render_html
 from gmner_pipeline.report import find_record, status_table
 from gmner_pipeline.runner import stage_totals
 from gmner_pipeline.schema import empty_record
@@ -55,8 +54,11 @@ def test_status_show_view_and_eval_ignore_uncommitted_files(stage_dir, tmp_path)
     assert find_record(out, "s/train/0")["_stage"] == "template_cot"
     with pytest.raises(KeyError, match="no record"):
         find_record(out, "s/train/2")
-    page = render_html(out)
-    assert "s/train/0" in page and "s/train/2" not in page
+    from gmner_pipeline.view import write_view
+
+    view = write_view(out, tmp_path / "v.html")
+    index = view.page.read_text()
+    assert view.records == 2 and '"s/train/0"' in index and "s/train/2" not in index
     rows = list(status_table(out).columns[3].cells)  # "records in"
     assert rows == ["2"]
     for given in (out, stage_dir, out / "template_cot"):

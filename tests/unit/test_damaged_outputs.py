@@ -13,7 +13,6 @@ import pytest
 from conftest import write_gmner_dataset
 from gmner_pipeline import runner
 from gmner_pipeline.config import load_config
-from gmner_pipeline.html_view import render_html
 from gmner_pipeline.ingest_step import ingest_complete
 from gmner_pipeline.latest import load_latest
 from gmner_pipeline.report import find_record, status_table
@@ -23,6 +22,7 @@ from gmner_pipeline.shards import (
     read_records, shard_path, shard_problem, write_json_atomic, write_records,
 )
 from gmner_pipeline.summary import stage_totals
+from gmner_pipeline.view import write_view
 
 PLUGIN = "gmner_pipeline.stages.passthrough:PassthroughStage"
 
@@ -103,7 +103,8 @@ def test_a_truncated_shard_and_a_garbage_marker_are_redone_on_rerun(tmp_path):
     assert [c for c in status_table(out).columns[2].cells] == ["4/4", "3/4", "3/4"]
     with pytest.raises(KeyError, match="no record"):
         find_record(out, "twitter-gmner-v2/train/1005", stage=down.name)  # used to crash on the truncated file
-    assert "twitter-gmner-v2/train/1005" not in render_html(out, stage=down.name, limit=100)
+    view = write_view(out, tmp_path / "view" / "index.html", stage=down.name)
+    assert view.records == 15 and "twitter-gmner-v2/train/1005" not in view.page.read_text()
 
     again = runner.run(cfg)
     assert again.ok
@@ -173,7 +174,8 @@ def test_a_moved_output_folder_keeps_working_and_a_missing_stage_folder_is_an_er
     assert status.exit_code == 0 and "4/4" in status.output, status.output
     assert cli.invoke(app, ["show", str(moved), "twitter-gmner-v2/train/1003"]).exit_code == 0
     view = cli.invoke(app, ["view", str(moved)])
-    assert view.exit_code == 0 and "twitter-gmner-v2/train/1003" in (moved / "view.html").read_text()
+    assert view.exit_code == 0 and "twitter-gmner-v2/train/1003" in (moved / "view" / "index.html").read_text()
+    assert cli.invoke(app, ["card", str(moved)]).exit_code == 0
 
     # a summary written by an older version holds absolute folders: still read after the move
     old = load_latest(moved)
@@ -183,7 +185,8 @@ def test_a_moved_output_folder_keeps_working_and_a_missing_stage_folder_is_an_er
 
     down = moved / first.plan.stages[-1].name
     os.rename(down, tmp_path / "elsewhere")
-    for args in (["status", str(moved)], ["show", str(moved), "twitter-gmner-v2/train/1003"], ["view", str(moved)]):
+    for args in (["status", str(moved)], ["show", str(moved), "twitter-gmner-v2/train/1003"], ["view", str(moved)],
+                 ["ids", str(moved)], ["card", str(moved)]):
         result = cli.invoke(app, args)
         assert result.exit_code == 2 and "missing" in result.output, (args, result.output)
     # and the runner itself finds nothing committed there, so a rerun recomputes it

@@ -439,8 +439,8 @@ def test_the_stage_key_covers_the_templates_and_settings():
 def test_show_and_view_display_answers_vote_support_and_summary(tmp_path):
     from rich.console import Console
 
-    from gmner_pipeline.html_view import render_html
     from gmner_pipeline.report import print_record
+    from gmner_pipeline.view import write_view
     from gmner_pipeline.shards import commit_shard, shard_path, write_records
 
     gens = [person(gender="He is a man.", fine_type="athlete"), person(gender="Male.", fine_type="athlete"),
@@ -460,9 +460,14 @@ def test_show_and_view_display_answers_vote_support_and_summary(tmp_path):
     commit_shard(stage_dir, 0, {"records_in": 1, "records_ok": 1})
     (tmp_path / "out" / "latest.json").write_text(json.dumps(
         {"run_id": "r", "chain": [{"stage": "knowledge", "key": "k", "dir": str(stage_dir)}]}))
-    page = render_html(tmp_path / "out")
-    assert "A tall man with short dark hair." in page and "<td>knowledge_gen_1, knowledge_gen_2</td>" in page
-    assert "failed: unparsable" in page and "fine type from knowledge_gen_1, knowledge_gen_2" in page
+    view = write_view(tmp_path / "out")  # the page draws these (tests/integration/test_view_browser.py)
+    shown = json.loads((view.page.parent / "index_files" / "records-00000.js").read_text()[len("gmnerChunk(0,"):-3])
+    k = shown[0]["knowledge"][0]
+    assert k["summary"] == "A tall man with short dark hair." and k["fine_type_support"] == [
+        "knowledge_gen_1", "knowledge_gen_2"]
+    gender = {"aspect": "gender", "text": "He is a man.", "support": ["knowledge_gen_1", "knowledge_gen_2"]}
+    assert gender in k["aspects"]
+    assert any(not a["ok"] and "unparsable" in (a["error"] or "") for a in k["answers"])
 
 
 def test_predicted_entities_come_from_a_predictions_file_and_are_marked_predicted(tmp_path):

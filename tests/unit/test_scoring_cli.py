@@ -118,3 +118,19 @@ def test_run_output_folder_means_its_final_stage_and_duplicates_are_refused(tmp_
     res = invoke("--gold", str(out_dir), "--pred", str(pred), "-o", str(tmp_path / "e.json"))
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "e.json").read_text())["gmner"]["f1"] == 1.0
+
+
+def test_no_prediction_matching_any_gold_record_is_an_error(tmp_path):
+    """Predictions of another split (or with ids the gold does not have) would score 0 silently: exit 2 and say so."""
+    gold = write_dataset(tmp_path / "data")
+    pred = write_jsonl(tmp_path / "p.jsonl", [{"id": "twitter-gmner-v2/dev/77", "answer": "None"},
+                                              {"id": "twitter-gmner-v2/dev/78", "answer": "None"}])
+    out = tmp_path / "e.json"
+    res = invoke("--gold", str(gold), "--pred", str(pred), "-o", str(out))
+    assert res.exit_code == 2, res.output
+    assert "none of the 2 predictions matches one of the 3 gold records" in res.output
+    assert "twitter-gmner-v2/dev/77" in res.output and "twitter-gmner-v2/test/1" in res.output
+    assert not out.exists()
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    res = invoke("--gold", str(gold), "--pred", str(empty), "-o", str(out))
+    assert res.exit_code == 2 and "no predictions were read" in res.output
