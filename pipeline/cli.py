@@ -17,9 +17,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .config import ConfigError, load_config
 from .plan import stages_for_command
 from .stage import StageSetupError
+from .storage import location
 
 app = typer.Typer(no_args_is_help=True, help="Distributed data synthesis for Grounded Multimodal NER.")
 console = Console(stderr=True)
+OUTPUT_HELP = ("The run's output folder: a local path, or a bucket URL (s3://bucket/prefix, gs://bucket/prefix; "
+               "see docs/cluster.md).")
 
 
 def _version(value: bool) -> None:
@@ -36,6 +39,18 @@ def main_options(
                                  help="Print the installed version and exit."),
 ) -> None:
     """Distributed data synthesis for Grounded Multimodal NER: run the pipeline, look at its output, export it."""
+
+
+def _local_output(output_dir: Path, command: str) -> Path:
+    """``output_dir`` for a command that reads a local output folder only; a bucket URL (which typer's Path turned
+    into ``s3:/...``) stops with what to do."""
+    text = str(output_dir)
+    if text.startswith(("s3:/", "gs:/", "gcs:/")):
+        url = text.replace(":/", "://", 1)
+        _fail(f"`gmner-pipeline {command}` reads a local output folder, not a bucket; copy it first (e.g. `aws s3 "
+              f"sync {url} ./out` or `gcloud storage rsync -r {url} ./out`) and give ./out. `status`, `show` and `ids` "
+              "read a bucket directly")
+    return output_dir
 
 
 def _stdout() -> Console:
@@ -180,19 +195,19 @@ def _os_error_message(exc: OSError, cfg: Any) -> str:
 
 
 @app.command("status")
-def status_command(output_dir: Path = typer.Argument(..., help="The run's output folder.")) -> None:
+def status_command(output_dir: str = typer.Argument(..., help=OUTPUT_HELP)) -> None:
     """Per stage: shards done/total, records in/out, drops by reason, errors."""
     from .report import OutputNotFound, status_table
 
     try:
-        _stdout().print(status_table(output_dir))
+        _stdout().print(status_table(location(output_dir)))
     except OutputNotFound as exc:
         _fail(str(exc))
 
 
 @app.command("show")
 def show_command(
-    output_dir: Path = typer.Argument(..., help="The run's output folder."),
+    output_dir: str = typer.Argument(..., help=OUTPUT_HELP),
     record_id: str = typer.Argument(..., help="Record id, e.g. gmner-sample/train/astronaut (`gmner-pipeline ids` "
                                     "lists them)."),
     stage: Optional[str] = typer.Option(None, help="Show the record as that stage wrote it (default: the last)."),
@@ -201,7 +216,7 @@ def show_command(
     from .report import OutputNotFound, RecordNotFound, StageNotInRun, find_record, print_record
 
     try:
-        rec = find_record(output_dir, record_id, stage)
+        rec = find_record(location(output_dir), record_id, stage)
     except (OutputNotFound, RecordNotFound, StageNotInRun) as exc:
         _fail(str(exc))
     print_record(rec, _stdout())
@@ -209,7 +224,7 @@ def show_command(
 
 @app.command("ids")
 def ids_command(
-    output_dir: Path = typer.Argument(..., help="The run's output folder."),
+    output_dir: str = typer.Argument(..., help=OUTPUT_HELP),
     stage: Optional[str] = typer.Option(None, help="Ids as that stage wrote them (default: the last)."),
     status: Optional[str] = typer.Option(None, help="Only records with this status: ok, dropped or error."),
     limit: int = typer.Option(20, min=0, help="How many ids to print (0: all)."),
@@ -220,7 +235,7 @@ def ids_command(
     from .report import OutputNotFound, StageNotInRun, list_ids
 
     try:
-        rows, total = list_ids(output_dir, stage, status, limit or None)
+        rows, total = list_ids(location(output_dir), stage, status, limit or None)
     except (OutputNotFound, StageNotInRun, ValueError) as exc:
         _fail(str(exc))
     for row in rows:
@@ -248,7 +263,7 @@ def view_command(
     from .view import write_view
 
     try:
-        result = write_view(output_dir, html_path, stage, limit or None)
+        result = write_view(_local_output(output_dir, "view"), html_path, stage, limit or None)
     except (OutputNotFound, StageNotInRun) as exc:
         _fail(str(exc))
     console.print(f"wrote {result.page} ({result.records} records, {result.images} images, "
@@ -266,7 +281,7 @@ def card_command(output_dir: Path = typer.Argument(..., help="The run's output f
 
     t0 = time.perf_counter()
     try:
-        path = write_card(output_dir)
+        path = write_card(_local_output(output_dir, "card"))
     except OutputNotFound as exc:
         _fail(str(exc))
     console.print(f"wrote {path} ({time.perf_counter() - t0:.1f} s)")
@@ -298,7 +313,8 @@ def export_command(
         if value not in allowed:
             _fail(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
     try:
-        stats = export_split(output_dir, split, fmt, to, images=images, frame=frame,  # type: ignore[arg-type]
+        stats = export_split(_local_output(output_dir, "export"), split, fmt, to, images=images,
+                             frame=frame,  # type: ignore[arg-type]
                              text_only=text_only, chains=chains)  # type: ignore[arg-type]
     except (ExportError, ExportRefused) as exc:
         _fail(str(exc))
@@ -309,7 +325,7 @@ def export_command(
 
 @app.command("teachers")
 def teachers_command(
-    output_dir: Path = typer.Argument(..., help="The run's output folder."),
+    output_dir: str = typer.Argument(..., help=OUTPUT_HELP),
     stage: str = typer.Option("distill", help="The CoT stage whose folders to compare (distill or template_cot)."),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON instead of tables."),
 ) -> None:
@@ -319,9 +335,10 @@ def teachers_command(
 
     from gmner_pipeline.stages.distill.compare import compare_teachers, render
 
-    if not output_dir.is_dir():
+    folder = location(output_dir)
+    if not folder.is_dir():
         _fail(f"{output_dir} is not a folder")
-    comparison = compare_teachers(output_dir, stage)
+    comparison = compare_teachers(folder, stage)
     if not comparison.folders:
         _fail(f"{output_dir} holds no {stage} output; run `gmner-pipeline run {stage} --output {output_dir}` first")
     if as_json:

@@ -15,6 +15,7 @@ from typing import Any
 from .atomic import write_bytes_atomic
 from .schema import SCHEMA_VERSION
 from .shards import SHARD_GLOB
+from .storage import location
 
 CARD = "README.md"
 
@@ -44,4 +45,4 @@ Ray Data; `gmner_pipeline.shards.read_records` reads tables that went through th
 
 
 def write_dataset_card(stage_dir: str | Path, manifest: dict[str, Any]) -> None:
-    write_bytes_atomic(Path(stage_dir) / CARD, card_text(manifest).encode())
+    write_bytes_atomic(location(stage_dir) / CARD, card_text(manifest).encode())

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from .schema import STATUS_ERROR
-from .shards import committed_shards, read_markers
+from .schema import STATUS_ERROR, SchemaMismatch
+from .shards import committed_shards, read_markers, read_table
 
 
 def error_totals(stage_dir: Path) -> tuple[int, int, dict[str, int]]:
@@ -34,8 +33,8 @@ def first_error(stage_dir: Path) -> str | None:
     """The message of the first record in error in a stage folder (shards in order), or None."""
     for path in committed_shards(stage_dir):
         try:
-            table = pq.read_table(path, columns=["status", "error", "error_stage"])
-        except (OSError, ValueError):
+            table = read_table(path, columns=["status", "error", "error_stage"])  # a local file or an object
+        except (OSError, ValueError, SchemaMismatch):
             continue
         hit = table.filter(pc.equal(table.column("status"), STATUS_ERROR))
         if hit.num_rows:

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from .atomic import atomic_open
 from .schema import ERROR_PERMANENT, STATUS_ERROR
 from .shards import check_commit, commit_file, read_json, read_markers, write_json_atomic
+from .storage import arrow_source, location
 
 TABLE_DIR = "_table"
 TABLE_MANIFEST = "_table.json"
@@ -66,7 +67,7 @@ class TableRef:
 
 
 def table_dir(stage_dir: str | Path) -> Path:
-    return Path(stage_dir) / TABLE_DIR
+    return location(stage_dir) / TABLE_DIR
 
 
 def unit_of(key: str, units: int) -> int:
@@ -79,11 +80,11 @@ def unit_name(unit: int) -> str:
 
 
 def unit_path(tdir: str | Path, unit: int) -> Path:
-    return Path(tdir) / f"{unit_name(unit)}.parquet"
+    return location(tdir) / f"{unit_name(unit)}.parquet"
 
 
 def unit_marker_path(tdir: str | Path, unit: int) -> Path:
-    return Path(tdir) / f"{unit_name(unit)}.done.json"
+    return location(tdir) / f"{unit_name(unit)}.done.json"
 
 
 def check_unit(tdir: str | Path, unit: int) -> tuple[dict[str, Any] | None, str | None]:
@@ -100,7 +101,7 @@ def committed_units(tdir: str | Path, units: int) -> set[int]:
 def read_unit_markers(tdir: str | Path) -> dict[int, dict[str, Any]]:
     """The commit markers (stats) of the intact committed units of a table folder."""
     out = {}
-    tdir = Path(tdir)
+    tdir = location(tdir)
     if not tdir.is_dir():
         return out
     for p in sorted(tdir.glob("unit-*.done.json")):
@@ -152,7 +153,8 @@ def write_unit(tdir: str | Path, unit: int, values: Mapping[str, Any]) -> int:
 
 def read_unit(tdir: str | Path, unit: int) -> dict[str, Any]:
     """A committed unit's ``{key: value}``."""
-    table = pq.read_table(unit_path(tdir, unit))
+    where, filesystem = arrow_source(unit_path(tdir, unit))
+    table = pq.read_table(where, filesystem=filesystem)
     return {k: json.loads(v) for k, v in zip(table.column("key").to_pylist(), table.column("value").to_pylist())}
 
 
@@ -181,7 +183,8 @@ class TableFiles:
             if not unit_marker_path(self.ref.dir, unit).is_file():
                 raise FileNotFoundError(f"keyed table unit {unit} is not committed in {self.ref.dir}: the table pass "
                                         "must finish before the shards run (rerun the command)")
-            table = pq.read_table(path, filters=[("key", "in", wanted)])
+            where, filesystem = arrow_source(path)
+            table = pq.read_table(where, filters=[("key", "in", wanted)], filesystem=filesystem)
             for key, value in zip(table.column("key").to_pylist(), table.column("value").to_pylist()):
                 out[key] = json.loads(value)
         return out
@@ -214,20 +217,20 @@ def input_fingerprint(input_dir: str | Path, num_shards: int) -> str:
 
 def read_manifest(tdir: str | Path) -> dict[str, Any] | None:
     try:
-        return read_json(Path(tdir) / TABLE_MANIFEST)
+        return read_json(location(tdir) / TABLE_MANIFEST)
     except (OSError, ValueError):
         return None
 
 
 def write_manifest(tdir: str | Path, units: int, fingerprint: str) -> None:
-    Path(tdir).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(Path(tdir) / TABLE_MANIFEST, {"units": units, "input": fingerprint})
+    location(tdir).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(location(tdir) / TABLE_MANIFEST, {"units": units, "input": fingerprint})
 
 
 def void_table(tdir: str | Path) -> None:
     """Remove a table: the manifest and the markers first (so a crash in between leaves uncommitted files), then
     the unit files."""
-    tdir = Path(tdir)
+    tdir = location(tdir)
     if not tdir.is_dir():
         return
     (tdir / TABLE_MANIFEST).unlink(missing_ok=True)

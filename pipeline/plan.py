@@ -17,6 +17,7 @@ from .config import ConfigError, RunConfig, _did_you_mean
 from .hashing import stable_hash
 from .schema import SCHEMA_MAJOR
 from .stage import Stage, StageConfig
+from .storage import is_remote, location
 
 # 2: bad bytes, over-long lines and boxes without an image size are errors on their records; error-only blocks kept
 INGEST_VERSION = "2"
@@ -135,13 +136,20 @@ def _writers_hint(groups: list[str]) -> str:
     return f": put {' or '.join(repr(w) for w in writers)} before it" if writers else ""
 
 
+def output_location(output_dir: str) -> Path:
+    """The output folder as every process will see it: an absolute local path, or a bucket URL (``storage.py``)."""
+    if is_remote(output_dir):
+        return location(output_dir)  # type: ignore[return-value]
+    return Path(os.path.abspath(Path(output_dir).expanduser()))
+
+
 def plan_run(config: RunConfig, stages: list[str] | None = None) -> RunPlan:
     """Plan the stages ``stages`` (default: ``config.pipeline``) over the configured source."""
     from gmner_pipeline.stages import load_stage
 
     # Absolute: actors on other nodes do not share the driver's working directory, and latest.json's folders must
     # still be found by ``status``/``show`` run from elsewhere.
-    out = Path(os.path.abspath(Path(config.run.output_dir).expanduser()))
+    out = output_location(config.run.output_dir)
     source = config.source.model_dump(mode="json")
     ingest_key = stable_hash({"ingest": INGEST_VERSION, "schema_major": SCHEMA_MAJOR, "source": source,
                               "shard_size": config.run.shard_size,

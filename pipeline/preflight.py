@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 
 from .config import ConfigError
+from .storage import ObjectPath, exclusive_create_problem, is_remote, location
 
 # HTTP/2's client connection preface and an empty SETTINGS frame: a gRPC server (Ray's GCS, the Ray Client server)
 # answers with a frame of its own, so this tells "Ray is there" from "something else listens on that port".
@@ -24,7 +25,11 @@ class PreflightError(ConfigError):
 
 
 def check_output_dir(output_dir: str | Path) -> None:
-    """The output folder exists as a folder or can be made, and the run may write in it."""
+    """The output folder exists as a folder or can be made, and the run may write in it (for a bucket URL: the
+    bucket exists and answers with the credentials of this environment)."""
+    if is_remote(output_dir):
+        check_bucket(location(output_dir))  # type: ignore[arg-type]
+        return
     path = Path(output_dir).expanduser()
     if path.exists() and not path.is_dir():
         raise PreflightError(f"run.output_dir={path} is a file, not a folder; choose another (--output DIR)")
@@ -37,6 +42,27 @@ def check_output_dir(output_dir: str | Path) -> None:
         raise PreflightError(f"run.output_dir={path} cannot be created: {probe} is a file")
     if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
         raise PreflightError(f"run.output_dir={path}: no permission to write in {probe}; choose another (--output)")
+
+
+def check_bucket(out: ObjectPath) -> None:
+    """The bucket exists and answers with this environment's credentials, and the lock can be taken there."""
+    from pyarrow import fs as pafs
+
+    try:
+        bucket = out.fs.get_file_info(out.bucket)
+        prefix = out.fs.get_file_info(out.key)
+    except OSError as exc:
+        raise PreflightError(
+            f"run.output_dir={out}: the object store did not answer ({str(exc).splitlines()[0]}). Check the "
+            "credentials in this environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a role for s3://, "
+            "GOOGLE_APPLICATION_CREDENTIALS for gs://) and the URL's endpoint_override/scheme/region") from None
+    problem = exclusive_create_problem(out)
+    if problem:
+        raise PreflightError(f"run.output_dir={out}: {problem}")
+    if bucket.type == pafs.FileType.NotFound:
+        raise PreflightError(f"run.output_dir={out}: bucket {out.bucket!r} does not exist; create it first")
+    if prefix.type == pafs.FileType.File:
+        raise PreflightError(f"run.output_dir={out} is an object, not a prefix; choose another (--output)")
 
 
 def split_address(address: str) -> tuple[str, int] | None:

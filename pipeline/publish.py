@@ -12,7 +12,9 @@ test records cannot reach D1, D2 or an export even if a stage got the split wron
 
 The folder is rebuilt from the final stage's committed shards in a temporary folder and swapped into place, so a
 reader never sees half of one run and half of another. A run with failed shards publishes nothing (the previous
-dataset stays) and says so.
+dataset stays) and says so. A bucket has no folder rename: there the parts are written in place (each a whole-object
+PUT) and the parts the new dataset does not have are deleted afterwards, so a reader during publishing may see a mix
+of the two runs' parts.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from typing import Any, Callable
 
 import pyarrow.parquet as pq
 
+from .atomic import atomic_open
 from .schema import records_to_table, table_to_records
 from .shards import iter_committed_tables, shard_index
 from .splits import D1, D2, DatasetConfig, is_training_record
+from .storage import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,8 @@ def split_of_records(records: list[Record], config: DatasetConfig, with_filtered
 def publish_dataset(final_dir: Path, output_dir: Path, config: DatasetConfig, *, with_filtered: bool,
                     run_id: str) -> dict[str, int]:
     """Rebuild ``<output_dir>/dataset`` from the committed shards of ``final_dir``; returns records per split."""
+    if is_remote(output_dir):
+        return _publish_in_place(final_dir, output_dir, config, with_filtered)
     target = output_dir / DATASET_DIR
     staging = output_dir / f".{DATASET_DIR}.tmp-{run_id}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -89,5 +95,27 @@ def publish_dataset(final_dir: Path, output_dir: Path, config: DatasetConfig, *,
         target.rename(old)
     staging.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+    log.info("dataset: %s -> %s", ", ".join(f"{k} {v}" for k, v in counts.items()), target)
+    return counts
+
+
+def _publish_in_place(final_dir: Any, output_dir: Any, config: DatasetConfig, with_filtered: bool) -> dict[str, int]:
+    """``publish_dataset`` on an object store (see the module docstring)."""
+    target = output_dir / DATASET_DIR
+    counts = {name: 0 for name in SPLIT_NAMES if with_filtered or name != D2_FILTERED}
+    written: set[str] = set()
+    for path, table in iter_committed_tables(final_dir):
+        index = shard_index(path)
+        for name, selected in split_of_records(table_to_records(table), config, with_filtered).items():
+            if not selected:
+                continue
+            part = target / name / f"part-{index:05d}.parquet"
+            with atomic_open(part, "wb") as fh:
+                pq.write_table(records_to_table(selected), fh, compression="zstd")
+            written.add(str(part))
+            counts[name] += len(selected)
+    for old in list(target.rglob_files()):
+        if str(old) not in written:
+            old.unlink(missing_ok=True)
     log.info("dataset: %s -> %s", ", ".join(f"{k} {v}" for k, v in counts.items()), target)
     return counts

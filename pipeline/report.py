@@ -17,6 +17,7 @@ from .summary import RunResult, stage_totals
 from .answer import format_box
 from .latest import OutputNotFound, load_latest, require_stage_dirs
 from .shards import iter_committed_tables
+from .storage import location
 
 __all__ = ["OutputNotFound", "RecordNotFound", "StageNotInRun", "find_record", "list_ids", "load_latest",
            "print_record", "record_view", "run_notes", "stage_entry", "status_table", "summary_table"]
@@ -82,7 +83,7 @@ def status_table(output_dir: str | Path) -> Table:
                          justify="right" if col in {"shards", "records in", "ok", "dropped", "errors"} else "left")
     total_shards = latest["ingest"]["num_shards"]
     for entry in latest["chain"]:
-        t = stage_totals(Path(entry["dir"]))
+        t = stage_totals(location(entry["dir"]))
         table.add_row(entry["stage"], entry["key"][:10], f"{t['shards']}/{total_shards}", str(t["records_in"]),
                       str(t["records_ok"]), str(t["records_dropped"]), str(t["records_error"]),
                       _reasons(t["drop_reasons"]), _reasons(t["errors_by_stage"]), _reasons(t["counters"]),

@@ -33,6 +33,7 @@ from .output_lock import OutputLock, RunLockedError
 from .plan import RunPlan, plan_run
 from .scheduler import Executor, Scheduler, ShardBook, Watchdog
 from .shards import MANIFEST, remove_stale_temporaries, write_json_atomic
+from .storage import is_remote
 from .stage import StageContext
 from .summary import RunResult, StageProgress, run_summary, stage_totals
 
@@ -47,18 +48,23 @@ def new_run_id() -> str:
 
 @contextlib.contextmanager
 def llm_service_scope(config: RunConfig, plan: RunPlan) -> Iterator[LLMConfig | None]:
-    """The resolved LLM config for every role the planned stages call (starting the embedded server if some role
-    needs it; stopped when the block exits), or None when no stage calls an LLM."""
+    """The resolved LLM config for every role the planned stages call (starting the embedded server, or a role's
+    managed replicas on the Ray cluster, if some role needs them; stopped when the block exits), or None when no
+    stage calls an LLM. Managed replicas are Ray actors, so Ray starts here, before them; the executor reuses it."""
     roles: set[str] = set()
     for s in plan.stages:
         roles |= s.cls.llm_roles(s.config)
     if not roles:
         yield None
         return
-    from gmner_pipeline.llm.services import llm_services  # only needed by LLM-driven stages
+    from gmner_pipeline.llm.services import llm_services, managed_roles  # only needed by LLM-driven stages
 
-    with llm_services(config.llm, roles) as resolved:
-        yield resolved
+    with contextlib.ExitStack() as stack:
+        if managed_roles(config.llm, roles):
+            from .ray_executor import ray_session
+
+            stack.enter_context(ray_session(config))
+        yield stack.enter_context(llm_services(config.llm, roles))
 
 
 def stage_contexts(plan: RunPlan, config: RunConfig, run_id: str, llm: LLMConfig | None,
@@ -269,6 +275,10 @@ def write_run_card(output_dir: Any) -> None:
     a warning: the run's data stands, and ``gmner-pipeline card <output>`` can write it later."""
     from .card import write_card
 
+    if is_remote(output_dir):  # the card and its plots are written and read as a local folder
+        log.info("dataset card: not written into a bucket; copy the output folder and run `gmner-pipeline card` "
+                 "on the copy")
+        return
     t0 = time.perf_counter()
     try:
         path = write_card(output_dir)

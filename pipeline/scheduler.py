@@ -30,7 +30,6 @@ still to come, attempts, progress). ``Scheduler`` moves shards through it and ha
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -322,7 +321,7 @@ class Watchdog:
         for task in tasks:
             key = task_key(task)
             try:
-                st = os.stat(beat_path(*task_where(task)))
+                st = beat_path(*task_where(task)).stat()  # a local file, or an object in a bucket
                 beat = (st.st_mtime_ns, st.st_size, st.st_ino)
             except OSError:
                 continue  # not started on its worker yet (queued behind another shard, or the worker is starting)

@@ -6,6 +6,10 @@ marker counts as done: a crash between the rename and the marker just redoes tha
 fixed by the input shard, a redo replaces the file instead of adding a second copy. That is what makes runs
 exactly-once at the record level.
 
+On an object store (``s3://``, ``gs://``; ``storage.py``) the same protocol holds with whole-object PUTs in place of
+the temporary file and the rename: the data object first, the marker last. The checks below hold there too (sizes and
+footers read through pyarrow's filesystem; a bucket's folder is scanned with one LIST and checked in parallel).
+
 Readers of a stage's output read only committed shards (``committed_shards`` and the iterators built on it): a file
 without its marker is a shard being written, or one the runner voided, and is never data. When the runner voids a
 downstream shard (its input is about to be recomputed), ``void_shard`` removes the marker first, then the file.
@@ -28,6 +32,7 @@ import shutil
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -36,6 +41,7 @@ import pyarrow.parquet as pq
 
 from .atomic import TMP_MARK, atomic_open, write_bytes_atomic
 from .schema import RECORD_SCHEMA, conform_table, records_to_table
+from .storage import ObjectPath, arrow_source, is_remote, location
 
 if TYPE_CHECKING:
     import datasets
@@ -52,21 +58,21 @@ def shard_name(index: int) -> str:
 
 
 def shard_path(stage_dir: str | Path, index: int) -> Path:
-    return Path(stage_dir) / f"{shard_name(index)}.parquet"
+    return location(stage_dir) / f"{shard_name(index)}.parquet"  # type: ignore[return-value]
 
 
 def marker_path(stage_dir: str | Path, index: int) -> Path:
-    return Path(stage_dir) / f"{shard_name(index)}.done.json"
+    return location(stage_dir) / f"{shard_name(index)}.done.json"  # type: ignore[return-value]
 
 
 def beat_path(stage_dir: str | Path, index: int) -> Path:
     """The file a worker touches while it works on shard ``index`` (after every batch): the driver's watchdog reads
     its modification time. A temporary by name, so a run's start-up cleans up what a killed worker left."""
-    return Path(stage_dir) / f"{shard_name(index)}{TMP_MARK}beat.tmp"
+    return location(stage_dir) / f"{shard_name(index)}{TMP_MARK}beat.tmp"  # type: ignore[return-value]
 
 
 def shard_index(path: str | Path) -> int:
-    return int(Path(path).name.split(".")[0].split("-")[1])
+    return int(location(path).name.split(".")[0].split("-")[1])
 
 
 def write_json_atomic(path: str | Path, payload: Any) -> None:
@@ -75,6 +81,8 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
+    if is_remote(path):
+        return json.loads(location(path).read_text())
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
 
@@ -90,10 +98,11 @@ def write_records(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
 def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     """One shard file as a table with the record schema (or its ``columns``), older MINOR versions brought up to date;
     raises ``schema.SchemaMismatch`` for another MAJOR version."""
+    where, filesystem = arrow_source(path)
     if columns is None:
-        return conform_table(pq.read_table(path))
-    present = set(pq.read_schema(path).names)
-    table = pq.read_table(path, columns=[c for c in columns if c in present])
+        return conform_table(pq.read_table(where, filesystem=filesystem))
+    present = set(pq.read_schema(where, filesystem=filesystem).names)
+    table = pq.read_table(where, columns=[c for c in columns if c in present], filesystem=filesystem)
     return conform_table(table, columns)
 
 
@@ -104,13 +113,14 @@ def read_records(path: str | Path, columns: list[str] | None = None) -> list[dic
 
 def marker_of(shard_file: str | Path) -> Path:
     """The commit marker beside a shard file (``shard-00003.parquet`` -> ``shard-00003.done.json``)."""
-    shard_file = Path(shard_file)
+    shard_file = location(shard_file)  # type: ignore[assignment]
     return shard_file.with_name(shard_file.name.removesuffix(".parquet") + ".done.json")
 
 
 def file_facts(path: str | Path) -> dict[str, int]:
     """What a marker records of its shard file: byte size and the row count in the Parquet footer."""
-    return {"bytes": os.stat(path).st_size, "rows": pq.read_metadata(path).num_rows}
+    where, filesystem = arrow_source(path)
+    return {"bytes": location(path).stat().st_size, "rows": pq.read_metadata(where, filesystem=filesystem).num_rows}
 
 
 def commit_shard(stage_dir: str | Path, index: int, stats: dict[str, Any], *, input_commit: str | None = None,
@@ -140,7 +150,7 @@ _VERIFIED_MAX = 65536
 
 def _signature(path: Path) -> tuple[int, int, int] | None:
     try:
-        st = os.stat(path)
+        st = path.stat() if isinstance(path, ObjectPath) else os.stat(path)
     except OSError:
         return None
     return st.st_size, st.st_mtime_ns, st.st_ino
@@ -159,11 +169,13 @@ def check_commit(mpath: Path, spath: Path, legacy_rows: str = "records_in") -> t
     ``legacy_rows``: the marker field that held the row count before markers recorded the file."""
     sig = (_signature(mpath), _signature(spath))
     key = str(mpath)
+    # an object's signature is only its size and a one-second mtime: a redo within that second could look unchanged
+    cacheable = sig[0] is not None and sig[1] is not None and not is_remote(mpath)
     hit = _VERIFIED.get(key)
-    if hit is not None and hit[0] == sig and sig[0] is not None and sig[1] is not None:
+    if hit is not None and hit[0] == sig and cacheable:
         return hit[1], hit[2]
     marker, problem = _check(mpath, spath, sig, legacy_rows)
-    if sig[0] is not None and sig[1] is not None:
+    if cacheable:
         _VERIFIED[key] = (sig, marker, problem)
         _VERIFIED.move_to_end(key)
         while len(_VERIFIED) > _VERIFIED_MAX:
@@ -188,7 +200,8 @@ def _check(mpath: Path, spath: Path, sig: tuple, legacy_rows: str) -> tuple[dict
         return None, f"the shard file has {sig[1][0]} bytes, its marker recorded {facts.get('bytes')} (truncated or " \
                      "replaced)"
     try:
-        rows = pq.read_metadata(spath).num_rows
+        where, filesystem = arrow_source(spath)
+        rows = pq.read_metadata(where, filesystem=filesystem).num_rows
     except (OSError, ValueError, pa.ArrowException) as exc:
         return None, f"the shard file is not readable Parquet ({str(exc)[:120]})"
     if not isinstance(expected_rows, int) or rows != expected_rows:
@@ -207,7 +220,7 @@ def is_committed(stage_dir: str | Path, index: int) -> bool:
 
 def marker_indices(stage_dir: str | Path) -> list[int]:
     """Indices of the shards that have a marker file (committed or not), sorted."""
-    stage_dir = Path(stage_dir)
+    stage_dir = location(stage_dir)  # type: ignore[assignment]
     if not stage_dir.is_dir():
         return []
     return sorted(shard_index(p) for p in stage_dir.glob(MARKER_GLOB))
@@ -218,8 +231,13 @@ def scan_stage(stage_dir: str | Path) -> tuple[dict[int, dict[str, Any]], dict[i
     commit its shard."""
     committed: dict[int, dict[str, Any]] = {}
     damaged: dict[int, str] = {}
-    for index in marker_indices(stage_dir):
-        marker, problem = check_shard(stage_dir, index)
+    indices = marker_indices(stage_dir)
+    if is_remote(stage_dir) and len(indices) > 1:  # a few requests per shard: overlap their latency
+        with ThreadPoolExecutor(16) as pool:
+            checks = list(pool.map(lambda i: check_shard(stage_dir, i), indices))
+    else:
+        checks = [check_shard(stage_dir, i) for i in indices]
+    for index, (marker, problem) in zip(indices, checks):
         if marker is not None:
             committed[index] = marker
         else:
@@ -247,7 +265,7 @@ def void_shard(stage_dir: str | Path, index: int) -> None:
 
 def committed_shards(stage_dir: str | Path) -> list[Path]:
     """The shard files of a stage folder that carry their commit marker, in shard order."""
-    stage_dir = Path(stage_dir)
+    stage_dir = location(stage_dir)  # type: ignore[assignment]
     return [shard_path(stage_dir, i) for i in sorted(committed_indices(stage_dir))]
 
 
@@ -283,14 +301,16 @@ def committed_dataset(stage_dir: str | Path, columns: list[str] | None = None) -
 def remove_stale_temporaries(folder: str | Path) -> int:
     """Delete what killed processes left in ``folder``: temporary files and folders (``TMP_MARK`` in the name). Only
     call while holding the output folder's lock. Returns how many were removed."""
-    folder = Path(folder)
+    folder = location(folder)  # type: ignore[assignment]
     if not folder.is_dir():
         return 0
     n = 0
     for p in folder.iterdir():
         if TMP_MARK not in p.name:
             continue
-        if p.is_dir() and not p.is_symlink():
+        if isinstance(p, ObjectPath):  # in a bucket: a worker's beat object (whole-object PUTs leave no others)
+            p.remove_tree() if p.is_dir() else p.unlink(missing_ok=True)
+        elif p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)

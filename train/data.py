@@ -125,6 +125,9 @@ def resolve_sources(paths: Iterable[str | Path], splits: Iterable[str], publishe
     sources: list[Source] = []
     splits = list(splits)
     for raw in paths:
+        if str(raw).startswith(("s3:/", "gs:/", "gcs:/")):  # also after typer's Path made s3:// into s3:/
+            raise DataError(f"{raw}: training reads local folders, not buckets; copy the output folder first (e.g. "
+                            "`aws s3 sync s3://bucket/out ./out` or `gcloud storage rsync -r gs://bucket/out ./out`)")
         path = Path(raw)
         folders = published_folders(path, splits, filtered) if published and path.is_dir() else None
         if path.is_file():

@@ -11,6 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from ..paths import user_cache_dir
+from ..storage import is_remote
+
 
 def _twitter_gmner(source, cache_dir: Path) -> Iterator[dict[str, Any]]:
     from .twitter_gmner import read_twitter_gmner
@@ -43,6 +46,8 @@ READERS: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {
 
 
 def read_source(source, cache_dir: str | Path) -> Iterator[dict[str, Any]]:
+    if is_remote(cache_dir):  # files a reader makes (the sample's images) are opened by path: keep them on this disk
+        cache_dir = user_cache_dir("source-cache")
     return READERS[source.kind](source, Path(cache_dir))
 
 

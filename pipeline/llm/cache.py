@@ -6,7 +6,8 @@ The key is a sha256 over everything that determines the answer (``request_key``)
   never block, writers wait on ``busy_timeout``). The local default.
 * ``FileCache``: one JSON file per answer under ``<path>/<k[:2]>/<k>.json``, written to a temporary name and renamed
   into place (atomic on POSIX and NFS), so concurrent writers of the same key cannot leave a torn file. Use it on
-  shared storage for a cluster: sqlite's locking is not safe on network file systems.
+  shared storage for a cluster: sqlite's locking is not safe on network file systems. In a bucket (``s3://``,
+  ``gs://``: ``storage.py``) each answer is one object PUT, atomic as well.
 
 Only successful answers are stored; errors are retried by the next run.
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..atomic import atomic_open
+from ..storage import ObjectPath, location
 from .config import CacheConfig
 
 log = logging.getLogger(__name__)
@@ -117,10 +119,10 @@ class SqliteCache:
 
 
 class FileCache:
-    """Content-addressed JSON files with atomic rename; safe on shared storage."""
+    """Content-addressed JSON files with atomic rename (or objects in a bucket); safe on shared storage."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: "str | Path | ObjectPath"):
+        self.path = location(path)
         self.path.mkdir(parents=True, exist_ok=True)
 
     def _file(self, key: str) -> Path:

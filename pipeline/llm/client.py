@@ -5,6 +5,9 @@
 * **Failover.** An endpoint that fails ``circuit.failure_threshold`` times in a row leaves the rotation for a cooldown
   (doubling while it keeps failing); after it, one probe request decides whether it comes back. A retry prefers
   another endpoint than the one that just failed. So one dead replica costs a few retries, never the job.
+* **Replicas that move.** A role with a ``directory`` (managed replicas, ``replicas.py``) looks its endpoints' current
+  URLs up when one is out of rotation and due for a probe (at most once a second): a replica restarted on another
+  node or port takes its old one's place, back in rotation.
 * **Retries** (tenacity): exponential backoff with jitter, at least the server's ``Retry-After``, on 429, 408, 5xx,
   timeouts, connection errors and unreadable bodies only. Any other 4xx (a 400 for a too-long context) comes back
   at once as an ``LLMResult`` with ``error_kind="bad_request"``: a stage records it on the record and goes on.
@@ -42,6 +45,7 @@ from .request import Choice, LLMRequest, LLMResult
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})  # plus every 5xx
+LOOKUP_INTERVAL_S = 1.0  # at most one replica-directory lookup per client per interval
 
 
 class MalformedResponse(Exception):
@@ -180,6 +184,17 @@ class Endpoint:
             log.warning("llm endpoint %s out of rotation for %.1f s after %d failures in a row (last: %s)",
                         self.config.base_url, self.cooldown, self.failures, why)
 
+    def retarget(self, base_url: str) -> None:
+        """The replica behind this endpoint moved (restarted elsewhere): send to ``base_url`` from now on, back in
+        rotation. Requests still in flight to the old address finish or fail on their own client."""
+        log.warning("llm endpoint %s moved to %s", self.config.base_url, base_url)
+        self.config = self.config.model_copy(update={"base_url": base_url})
+        self._client = None  # the old one is left to the garbage collector: closing it would cut its requests
+        self.failures = 0
+        self.cooldown = self.circuit.cooldown_s
+        self.open_until = 0.0
+        self.probing = False
+
     def released(self) -> None:
         """A probe that ended neither in success nor in a server fault (cancelled, our bug) frees the probe slot."""
         self.probing = False
@@ -231,6 +246,7 @@ class LLMClient:
         self._loop: LoopThread | None = loop
         self._own_loop = loop is None
         self._rng = random.Random()
+        self._next_lookup = 0.0  # monotonic time of the next allowed directory lookup
 
     @classmethod
     def from_config(cls, llm_config: LLMConfig | dict[str, Any], role: str, *,
@@ -409,6 +425,9 @@ class LLMClient:
         When every endpoint is out of rotation, waits for the next probe slot until ``deadline``."""
         while True:
             now = time.monotonic()
+            if self.role.directory is not None and now >= self._next_lookup and \
+                    any(e.tripped() and now >= e.open_until for e in self.endpoints):
+                await self._relocate(now)
             usable = [e for e in self.endpoints if e.usable(now)]
             if len(usable) > 1 and avoid in usable:
                 usable.remove(avoid)
@@ -423,6 +442,20 @@ class LLMClient:
                 raise EndpointsDown(f"all {len(self.endpoints)} endpoint(s) of role {self.role_name!r} are out of "
                                     f"rotation ({last})")
             await asyncio.sleep(pause)
+
+    async def _relocate(self, now: float) -> None:
+        """Ask the role's directory where its replicas are now; move endpoints whose replica has a new URL."""
+        from .directory import read_directory
+
+        self._next_lookup = now + LOOKUP_INTERVAL_S
+        try:
+            urls = await asyncio.to_thread(read_directory, self.role.directory)  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - without the directory, the circuit breaker still works
+            log.info("llm role %s: replica directory unreadable (%s)", self.role_name, exc)
+            return
+        for endpoint, url in zip(self.endpoints, urls):
+            if url and url != endpoint.config.base_url:
+                endpoint.retarget(url)
 
     async def _send(self, endpoint: Endpoint, probe: bool, req: LLMRequest, params: dict[str, Any]) -> LLMResult:
         sent = {k: v for k, v in params.items() if v is not None}

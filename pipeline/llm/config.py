@@ -25,6 +25,7 @@ from pydantic import Field, field_validator, model_validator
 from ..configbase import ConfigError, Strict
 from ..frames import ORIGINAL, FrameConfig
 from ..paths import user_cache_dir
+from ..storage import ObjectPath, is_remote, location
 
 
 class LLMConfigError(ConfigError):
@@ -107,9 +108,62 @@ class LocalPolicyConfig(Strict):
         "folder, else none (set it when the weights behind a hub name can change)")
 
 
+class ServeConfig(Strict):
+    """Servers the pipeline starts on the Ray cluster for a role (``llm.roles.<role>.serve``) instead of listing
+    endpoints: one OpenAI-compatible server per replica, each a Ray actor in a placement group of its GPUs, started
+    before the stages, restarted when it dies, stopped at the end (``llm.replicas``)."""
+
+    engine: Literal["vllm", "llama_cpp"] = Field(
+        "vllm", description="vllm: `vllm.entrypoints.openai.api_server` (GPU); llama_cpp: `llama_cpp.server` "
+        "(a GGUF file, CPU or GPU)")
+    model: str = Field(..., description="vllm: a hub name or a model folder every node sees; llama_cpp: a GGUF file")
+    served_model_name: str | None = Field(
+        None, description="the name requests use and the role's identity (default: model)")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica that one model is split over (vLLM)")
+    replicas: int = Field(1, ge=1, description="servers to start; the client spreads requests over them")
+    num_gpus: float | None = Field(
+        None, ge=0, description="GPUs reserved per replica; default tensor_parallel_size (vllm), 0 (llama_cpp)")
+    num_cpus: float = Field(2, ge=0, description="CPUs reserved per replica (the server's tokenizer, HTTP, engine)")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per replica, e.g. {'accelerator_type:H100': 0.001}")
+    extra_args: list[str] = Field(
+        default_factory=list, description="appended to the server's command line, e.g. [--max-model-len, '8192']")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment of the server process")
+    python: str | None = Field(
+        None, description="the interpreter that runs the server (a venv holding vLLM); default: the Ray worker's")
+    port: int | None = Field(
+        None, ge=1, le=65535, description="port on the replica's node; default: a free one (several replicas may "
+        "share a node)")
+    max_concurrency: int = Field(64, ge=1, description="requests in flight to one replica across the whole run")
+    startup_timeout_s: float = Field(
+        1800.0, gt=0, description="for a replica to answer /v1/models after it starts (a 72B model loads for minutes)")
+    placement_timeout_s: float = Field(
+        600.0, gt=0, description="for the cluster to grant a replica's GPUs and CPUs (an autoscaler may add a node)")
+    max_restarts: int = Field(3, ge=0, description="restarts of a replica whose server or actor died, per replica")
+    health_interval_s: float = Field(2.0, gt=0, description="how often a replica checks its server")
+    unhealthy_after_s: float = Field(
+        120.0, gt=0, description="a running server that has not answered /v1/models for this long is restarted")
+
+    def name(self) -> str:
+        return self.served_model_name or self.model
+
+    def gpus(self) -> float:
+        if self.num_gpus is not None:
+            return self.num_gpus
+        return float(self.tensor_parallel_size) if self.engine == "vllm" else 0.0
+
+
 class RoleConfig(Strict):
     endpoints: list[EndpointConfig] = Field(
-        default_factory=list, description="replicas of one model; empty (and no local) = the embedded local server")
+        default_factory=list, description="replicas of one model; empty (and no local or serve) = the embedded "
+        "local server")
+    serve: ServeConfig | None = Field(
+        None, description="servers the pipeline starts on the Ray cluster for this role (see ServeConfig); "
+        "instead of endpoints")
+    directory: str | None = Field(
+        None, description="where the client looks up the role's current replica URLs when one stops answering "
+        "(set by the runner for serve roles: a replica restarted elsewhere has a new URL); 'file:PATH' reads a JSON "
+        "list of base URLs, one per endpoint")
     local: LocalPolicyConfig | None = Field(
         None, description="a model the stage runs in-process (no endpoints); see LocalPolicyConfig")
     model_id: str | None = Field(
@@ -140,6 +194,9 @@ class RoleConfig(Strict):
                              f"shared identity if the servers merely name it differently")
         if self.local is not None and self.endpoints:
             raise ValueError("a role is either served (endpoints) or run in-process (local), not both")
+        if self.serve is not None and (self.endpoints or self.local is not None):
+            raise ValueError("a role either lists its servers (endpoints), asks the pipeline to start them (serve), "
+                             "or runs in-process (local): set one of them")
         if self.adapter is not None and self.local is not None:
             raise ValueError("adapter names the adapter a server applies; a local policy sets local.adapter instead")
         return self
@@ -149,16 +206,27 @@ class CacheConfig(Strict):
     enabled: bool = True
     backend: Literal["sqlite", "files"] = Field(
         "sqlite", description="sqlite (WAL): one machine, many processes. files: one file per answer, atomic "
-        "rename; use it on shared storage (NFS, Lustre) for a cluster, where sqlite locking is unsafe")
+        "rename (one object PUT in a bucket); use it on shared storage (NFS, Lustre, s3://, gs://) for a cluster, "
+        "where sqlite locking is unsafe")
     path: str | None = Field(
-        None, description="default: $GMNER_LLM_CACHE, else ~/.cache/gmner-pipeline/llm-cache(.sqlite)")
+        None, description="default: $GMNER_LLM_CACHE, else ~/.cache/gmner-pipeline/llm-cache(.sqlite); a bucket URL "
+        "(s3://bucket/llm-cache?..., gs://...) with backend: files")
 
-    def resolved_path(self) -> Path:
+    @model_validator(mode="after")
+    def _sqlite_is_local(self) -> "CacheConfig":
+        where = self.path or os.environ.get("GMNER_LLM_CACHE") or ""
+        if self.enabled and self.backend == "sqlite" and is_remote(where):
+            raise ValueError(f"llm.cache.path={where} is a bucket: sqlite needs a local file; set "
+                             "llm.cache.backend=files to keep the cache in the bucket")
+        return self
+
+    def resolved_path(self) -> "Path | ObjectPath":
+        """A local path, or an ``ObjectPath`` for a bucket URL (``storage.py``)."""
         if self.path:
-            return Path(self.path).expanduser()
+            return location(self.path).expanduser()
         env = os.environ.get("GMNER_LLM_CACHE")
         if env:
-            return Path(env).expanduser()
+            return location(env).expanduser()
         return user_cache_dir("llm-cache.sqlite" if self.backend == "sqlite" else "llm-cache")
 
 

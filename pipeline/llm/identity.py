@@ -5,6 +5,9 @@
 * **served** (``endpoints``, or an explicit ``model_id``): ``<model_id or the endpoints' model>[@<revision>]``, plus
   ``+adapter:<sha256 of the adapter folder, 12 hex>`` when ``adapter`` names the LoRA adapter the server applies.
   Endpoint URLs are not part of it: other replicas of the same model reuse outputs and cached answers.
+* **managed** (``serve``: servers the pipeline starts on the cluster, ``replicas.py``): like served, with
+  ``serve.served_model_name`` (default ``serve.model``) as the model name; so a role moved from listed endpoints to
+  managed replicas of the same model keeps its outputs and cached answers.
 * **embedded** (no endpoints, no ``local``: the pipeline's own llama.cpp server): ``<model_id or
   embedded.model_name>@<sha256 of the GGUF file, 12 hex>``, so pointing ``llm.embedded.model_path`` at another file
   is another model.
@@ -27,9 +30,12 @@ DIGEST_CHARS = 12
 
 
 def role_kind(role: RoleConfig) -> str:
-    """``local``, ``served`` or ``embedded`` (a role with neither endpoints nor ``local`` gets the embedded server)."""
+    """``local``, ``managed``, ``served`` or ``embedded`` (a role with none of endpoints, ``serve`` and ``local`` gets
+    the embedded server)."""
     if role.local is not None:
         return "local"
+    if role.serve is not None:
+        return "managed"
     return "served" if role.endpoints else "embedded"
 
 
@@ -38,8 +44,8 @@ def role_identity(role: RoleConfig, llm: LLMConfig | None = None) -> str:
     kind = role_kind(role)
     if kind == "local":
         return local_identity(role.local)  # type: ignore[arg-type]
-    if kind == "served":  # a resolved embedded role is served too, with its identity as model_id
-        base = role.model_id or role.endpoints[0].model
+    if kind in ("served", "managed"):  # a resolved embedded or managed role is served, with its identity as model_id
+        base = role.model_id or (role.serve.name() if role.serve is not None else role.endpoints[0].model)
         base = f"{base}@{role.revision}" if role.revision else base
         return base + adapter_suffix(role.adapter) if role.adapter else base
     return embedded_identity(role, llm or LLMConfig())

@@ -6,9 +6,11 @@
         ...                                                  # each stage's StageContext.llm; workers: Stage.llm
 
 Roles with endpoints are used as configured, after a preflight check (``check_endpoints``): a role fails before the run
-when none of its endpoints answers ``GET /models`` listing its model (one dead replica is only a warning). Every needed
-role without endpoints gets the ONE embedded server (started once, shared by those roles), which is stopped when the
-block exits: normally, on an exception, or on Ctrl-C.
+when none of its endpoints answers ``GET /models`` listing its model (one dead replica is only a warning). Roles with
+``serve`` get their replicas started on the Ray cluster (``replicas.ManagedReplicas``; Ray must be initialised: the
+runner starts it first), their endpoints filled in and a ``directory`` where the client finds a replica that moved.
+Every other needed role without endpoints gets the ONE embedded server (started once, shared by those roles). Servers
+and replicas are stopped when the block exits: normally, on an exception, or on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import urllib.error
 import urllib.request
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Iterable, Iterator
 
 from .config import EndpointConfig, LLMConfig, LLMConfigError
@@ -31,14 +33,21 @@ __all__ = ["LLMConfigError", "check_endpoints", "divide_concurrency", "endpoint_
            "resolve_roles"]
 
 
+def managed_roles(config: LLMConfig, roles: set[str]) -> list[str]:
+    """The roles whose servers the pipeline starts on the Ray cluster (``serve``)."""
+    return sorted(r for r in roles if role_kind(config.role(r)) == "managed")
+
+
 def roles_without_endpoints(config: LLMConfig, roles: set[str]) -> list[str]:
     """The roles the embedded server must serve (local policies need no server)."""
     return sorted(r for r in roles if role_kind(config.role(r)) == "embedded")
 
 
-def resolve_roles(config: LLMConfig, roles: set[str], embedded: EndpointConfig | None = None) -> LLMConfig:
+def resolve_roles(config: LLMConfig, roles: set[str], embedded: EndpointConfig | None = None,
+                  managed: dict[str, tuple[list[EndpointConfig], str]] | None = None) -> LLMConfig:
     """The config a run's workers get: every role in ``roles`` explicit, the embedded ones pointed at ``embedded``
-    with their identity as ``model_id``, local policies with their base revision filled in. Each role's
+    with their identity as ``model_id``, the managed ones at their replicas (``managed``: per role, its endpoints and
+    directory) with their served name as ``model_id``; local policies with their base revision filled in. Each role's
     ``role_identity`` is unchanged by this (and cheap to recompute in a worker)."""
     resolved = dict(config.roles)
     for name in sorted(roles):
@@ -49,6 +58,13 @@ def resolve_roles(config: LLMConfig, roles: set[str], embedded: EndpointConfig |
                 raise LLMConfigError(f"LLM role {name!r} needs the embedded server, which is not running")
             role = role.model_copy(update={"endpoints": [embedded], "model_id": role_identity(role, config),
                                            "revision": None})
+        elif kind == "managed":
+            if managed is None or name not in managed:
+                raise LLMConfigError(f"LLM role {name!r} needs its managed replicas, which are not running")
+            endpoints, directory = managed[name]
+            # the served name as model_id: revision and adapter stay, so role_identity is what it was
+            role = role.model_copy(update={"endpoints": endpoints, "directory": directory, "serve": None,
+                                           "model_id": role.model_id or role.serve.name()})  # type: ignore[union-attr]
         elif kind == "local":
             role = role.model_copy(update={"local": resolved_local(role.local)})  # type: ignore[arg-type]
         resolved[name] = role
@@ -123,17 +139,26 @@ def llm_services(llm_config: LLMConfig | dict[str, Any] | None, roles: set[str],
     if check:
         check_endpoints(config, {r for r in roles if config.role(r).endpoints})
     missing = roles_without_endpoints(config, roles)
-    if not missing:
-        yield resolve_roles(config, roles)
-        return
-    if not config.embedded.enabled:
+    serve_roles = managed_roles(config, roles)
+    if missing and not config.embedded.enabled:
         raise LLMConfigError(
             f"LLM roles {missing} have no endpoints and llm.embedded.enabled is false: add endpoints under "
             f"llm.roles.<role>.endpoints (base_url, model), or enable the embedded server")
-    server = EmbeddedServer(config.embedded)
-    log.info("LLM roles %s have no endpoints: starting the embedded server (%s)", missing, config.embedded.model_name)
-    server.start()
-    try:
-        yield resolve_roles(config, roles, server.endpoint())
-    finally:
-        server.stop()
+    with ExitStack() as stack:
+        managed = None
+        if serve_roles:
+            from .replicas import ManagedReplicas  # imports Ray: only for roles the pipeline serves on the cluster
+
+            replicas = ManagedReplicas({r: config.role(r).serve for r in serve_roles})  # type: ignore[misc]
+            log.info("LLM roles %s: starting their replicas on the Ray cluster", serve_roles)
+            stack.callback(replicas.stop)
+            managed = {r: (eps, replicas.directory_address(r)) for r, eps in replicas.start().items()}
+        embedded = None
+        if missing:
+            server = EmbeddedServer(config.embedded)
+            log.info("LLM roles %s have no endpoints: starting the embedded server (%s)", missing,
+                     config.embedded.model_name)
+            stack.callback(server.stop)
+            server.start()
+            embedded = server.endpoint()
+        yield resolve_roles(config, roles, embedded, managed)

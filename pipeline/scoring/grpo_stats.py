@@ -17,6 +17,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ..atomic import atomic_open
+from ..storage import location
 from .config import GrpoFilterConfig
 
 log = logging.getLogger(__name__)
@@ -138,9 +140,10 @@ def plot_histograms(report: dict[str, Any], path: str | Path, config: GrpoFilter
     axes[0].set_ylabel("items")
     axes[0].legend(loc="upper right", fontsize=8)
     fig.suptitle(f"GRPO filter: kept {report['kept']} of {report['items']} items (dashed: thresholds)")
-    path = Path(path)
+    path = location(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_open(path, "wb") as fh:  # a local file or one object PUT (storage.py)
+        fig.savefig(fh, dpi=110, format="png")
     plt.close(fig)
     log.info("wrote %s", path)
     return path

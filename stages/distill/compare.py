@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gmner_pipeline.shards import MANIFEST, iter_committed_records, read_json, read_markers
+from gmner_pipeline.storage import location
 
 
 @dataclass
@@ -87,7 +88,7 @@ class Comparison:
 
 def stage_folders(output_dir: str | Path, stage: str = "distill") -> list[Path]:
     """The ``<output>/<stage>/<key>/`` folders holding a manifest, oldest first."""
-    root = Path(output_dir) / stage
+    root = location(output_dir) / stage
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if (p / MANIFEST).is_file()]

@@ -15,6 +15,7 @@ from typing import Any
 from gmner_pipeline.schema import STATUS_OK
 from gmner_pipeline.scoring import GrpoFilterConfig, filter_report, group_stats, plot_histograms
 from gmner_pipeline.shards import iter_committed_records, write_json_atomic
+from gmner_pipeline.storage import location
 from gmner_pipeline.summary import stage_totals
 
 from .groups import INCOMPLETE
@@ -38,7 +39,7 @@ def build_report(stage_dir: str | Path, config: GrpoFilterConfig | None = None) 
             continue
         stats.append(group_stats(group.get("rewards") or [], config))
     report = filter_report(stats, config)
-    counters = stage_totals(Path(stage_dir))["counters"]
+    counters = stage_totals(location(stage_dir))["counters"]
 
     def prefixed(prefix: str) -> dict[str, int]:
         return {k[len(prefix):]: v for k, v in sorted(counters.items()) if k.startswith(prefix)}
@@ -68,7 +69,7 @@ def write_report(stage_dir: str | Path, output_dir: str | Path, config: GrpoFilt
     """Build the report, write the JSON and the PNG under ``<output_dir>/reports/``, and return the summary entry."""
     config = config or GrpoFilterConfig()
     report = build_report(stage_dir, config)
-    folder = Path(output_dir) / REPORT_DIR
+    folder = location(output_dir) / REPORT_DIR
     json_path, png_path = folder / f"{REPORT_NAME}.json", folder / f"{REPORT_NAME}.png"
     write_json_atomic(json_path, report)
     plot_histograms(report, png_path, config)

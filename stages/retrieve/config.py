@@ -65,7 +65,8 @@ class DownloadConfig(Strict):
     )
     user_agent: str = "gmner-pipeline/0.1 (+https://github.com/gmner-pipeline)"
     store_dir: str | None = Field(
-        None, description="content-addressed image store (default: <output_dir>/images, or ~/.cache when unset)"
+        None, description="content-addressed image store (default: <output_dir>/images, or ~/.cache when unset or a bucket; "
+        "a local or shared folder: later stages open the images by path)"
     )
 
 

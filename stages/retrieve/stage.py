@@ -14,6 +14,7 @@ from gmner_pipeline.paths import user_cache_dir
 from gmner_pipeline.prompts import prompt_hash
 from gmner_pipeline.schema import GROUNDING_ABSENT
 from gmner_pipeline.stage import Record, Stage, StageSetupError, mark_dropped, mark_error
+from gmner_pipeline.storage import is_remote
 
 from .clip_model import ClipEncoder, check_weights
 from .config import RetrieveConfig
@@ -28,8 +29,9 @@ log = logging.getLogger(__name__)
 def default_store_dir(cfg: RetrieveConfig, output_dir: str) -> Path:
     if cfg.download.store_dir:
         return Path(cfg.download.store_dir).expanduser()
-    if output_dir:
+    if output_dir and not is_remote(output_dir):
         return Path(output_dir) / "images"
+    # later stages open the chosen images by path: with the output in a bucket they stay on this node's disk
     return user_cache_dir("images")
 
 

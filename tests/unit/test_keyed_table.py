@@ -104,15 +104,17 @@ class PoolExecutor:
 
 
 def plan_for(tmp_path, out, n=23, shard_size=4, units=3, pipeline=("passthrough", KEYED)):
+    """``out``: a folder name under ``tmp_path``, or a bucket URL."""
     data = tmp_path / "data"
     if not data.exists():
         write_dataset(data, n)
     stages = ", ".join(f"'{p}'" for p in pipeline)
-    config = load_config(None, [f"run.output_dir={tmp_path / out}", f"run.shard_size={shard_size}",
+    out = out if "://" in out else tmp_path / out
+    config = load_config(None, [f"run.output_dir='{out}'", f"run.shard_size={shard_size}",
                                 f"source={{kind: twitter_gmner, path: {data}}}", f"pipeline=[{stages}]",
                                 f"stages[{KEYED}].resources.table_units={units}"])
     plan = plan_run(config)
-    ingest = run_ingest(plan.ingest, config.source, tmp_path / out / "cache", "r1")
+    ingest = run_ingest(plan.ingest, config.source, plan.output_dir / "cache", "r1")
     for s in plan.stages:
         s.dir.mkdir(parents=True, exist_ok=True)
     return plan, stage_contexts(plan, config, "r1", None), ingest["num_shards"]
@@ -419,3 +421,27 @@ def test_an_input_repaired_upstream_rebuilds_the_table_before_the_keyed_repairs(
     assert {i: k for i, k in knowledge_by_id(plan).items() if first[i]} == {i: k for i, k in first.items() if k}
     progress, ex = execute(plan, ctx, n)
     assert ex.ran == []  # nothing left to do
+
+
+@pytest.fixture(scope="module")
+def bucket():
+    """A local S3 server (moto, support/s3.py) with one bucket."""
+    pytest.importorskip("moto.server", reason="moto[server] (the dev extra) runs the local S3 server")
+    from support.s3 import moto_bucket
+
+    with moto_bucket() as b:
+        yield b
+
+
+def test_a_table_and_its_stage_in_a_bucket_each_key_once_and_a_rerun_computes_nothing(tmp_path, bucket):
+    plan, ctx, n = plan_for(tmp_path, bucket.url("keyed"), units=3)
+    progress, ex = execute(plan, ctx, n, pool=2)
+    assert all(not p.failed for p in progress.values())
+    assert Counter(BUILT) == Counter({f"E{i}": 1 for i in range(7)} | {f"F{i}": 1 for i in range(3)})
+    before = knowledge_by_id(plan)
+    assert len(before) == 23
+    names = bucket.keys("keyed/")
+    assert sum(1 for k in names if "/_table/unit-" in k and k.endswith(".done.json")) == 3
+    assert not [k for k in names if ".tmp" in k]
+    progress, ex = execute(plan, ctx, n, pool=2)
+    assert BUILT == [] and ex.ran == [] and knowledge_by_id(plan) == before

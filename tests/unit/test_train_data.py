@@ -161,3 +161,10 @@ def test_presets_load_and_validate():
     with pytest.raises(ConfigError, match="no train preset"):
         load_train_config("nope")
     assert Path(load_train_config("mcr_sft").model_dump()["data"]["splits"][0]) == Path("D1")
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/out", "gs://bucket/out"])
+def test_a_bucket_as_training_input_is_refused_with_what_to_do(url):
+    for given in (url, Path(url)):  # typer hands over a Path, which turns s3:// into s3:/
+        with pytest.raises(DataError, match="copy the output folder first"):
+            resolve_sources([given], ["D1"])
