@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyarrow.parquet as pq
 
@@ -71,6 +71,16 @@ def split_of_records(records: list[Record], config: DatasetConfig, with_filtered
     return out
 
 
+def split_parts(final_dir: Any, config: DatasetConfig, with_filtered: bool) -> Iterator[tuple[str, str, Any]]:
+    """Each non-empty part of the published splits, in shard order: (split, part file name, Arrow table), one per
+    split of each committed shard of ``final_dir``."""
+    for path, table in iter_committed_tables(final_dir):
+        name_of_part = f"part-{shard_index(path):05d}.parquet"
+        for name, selected in split_of_records(table_to_records(table), config, with_filtered).items():
+            if selected:
+                yield name, name_of_part, records_to_table(selected)
+
+
 def publish_dataset(final_dir: Path, output_dir: Path, config: DatasetConfig, *, with_filtered: bool,
                     run_id: str) -> dict[str, int]:
     """Rebuild ``<output_dir>/dataset`` from the committed shards of ``final_dir``; returns records per split."""
@@ -80,15 +90,11 @@ def publish_dataset(final_dir: Path, output_dir: Path, config: DatasetConfig, *,
     staging = output_dir / f".{DATASET_DIR}.tmp-{run_id}"
     shutil.rmtree(staging, ignore_errors=True)
     counts = {name: 0 for name in SPLIT_NAMES if with_filtered or name != D2_FILTERED}
-    for path, table in iter_committed_tables(final_dir):
-        index = shard_index(path)
-        for name, selected in split_of_records(table_to_records(table), config, with_filtered).items():
-            if not selected:
-                continue
-            path = staging / name / f"part-{index:05d}.parquet"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(records_to_table(selected), path, compression="zstd")
-            counts[name] += len(selected)
+    for name, part, table in split_parts(final_dir, config, with_filtered):
+        path = staging / name / part
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path, compression="zstd")
+        counts[name] += table.num_rows
     staging.mkdir(parents=True, exist_ok=True)
     old = output_dir / f".{DATASET_DIR}.old-{run_id}"
     if target.exists():
@@ -104,16 +110,12 @@ def _publish_in_place(final_dir: Any, output_dir: Any, config: DatasetConfig, wi
     target = output_dir / DATASET_DIR
     counts = {name: 0 for name in SPLIT_NAMES if with_filtered or name != D2_FILTERED}
     written: set[str] = set()
-    for path, table in iter_committed_tables(final_dir):
-        index = shard_index(path)
-        for name, selected in split_of_records(table_to_records(table), config, with_filtered).items():
-            if not selected:
-                continue
-            part = target / name / f"part-{index:05d}.parquet"
-            with atomic_open(part, "wb") as fh:
-                pq.write_table(records_to_table(selected), fh, compression="zstd")
-            written.add(str(part))
-            counts[name] += len(selected)
+    for name, part, table in split_parts(final_dir, config, with_filtered):
+        path = target / name / part
+        with atomic_open(path, "wb") as fh:
+            pq.write_table(table, fh, compression="zstd")
+        written.add(str(path))
+        counts[name] += table.num_rows
     for old in list(target.rglob_files()):
         if str(old) not in written:
             old.unlink(missing_ok=True)

@@ -193,3 +193,18 @@ def trained_sft(tmp_path_factory, tiny_qwen2):
     result = run_sft(config, [stage], root / "sft")
     return {"root": root, "stage": stage, "records": records, "digest": digest, "result": result,
             "output": root / "sft", "config": config}
+
+
+def session_processes(sid: int) -> list:
+    """Every live process of session ``sid``: what a driver started with ``start_new_session`` left behind (its
+    local Ray processes) after it was killed."""
+    import psutil
+
+    procs = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid:
+                procs.append(proc)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return procs

@@ -20,10 +20,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
+from conftest import session_processes
 from gmner_pipeline.atomic import atomic_open
 from gmner_pipeline.latest import load_latest
 from gmner_pipeline.llm.cache import FileCache, open_cache
@@ -228,17 +228,6 @@ def test_a_missing_bucket_is_refused_before_anything_starts(s3, tmp_path):
     assert "bucket 'no-such-bucket' does not exist" in " ".join(result.stderr.split())
 
 
-def _session_processes(sid: int) -> list[psutil.Process]:
-    procs = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == sid:
-                procs.append(proc)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            continue
-    return procs
-
-
 def test_a_driver_killed_mid_run_resumes_with_every_record_once(bucket, s3, tmp_path):
     out = s3("runs/killed")
     # a slow first stage (1 s per record, one record per shard) so that the kill lands between commits
@@ -266,7 +255,7 @@ def test_a_driver_killed_mid_run_resumes_with_every_record_once(bucket, s3, tmp_
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
-        for orphan in _session_processes(proc.pid):  # the killed driver's local Ray processes
+        for orphan in session_processes(proc.pid):  # the killed driver's local Ray processes
             orphan.kill()
     names = bucket.keys("runs/killed/")
     assert "runs/killed/latest.json" not in names and "runs/killed/.lock" in names  # killed: no summary, lock left

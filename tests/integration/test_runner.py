@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import write_gmner_dataset
+from conftest import session_processes, write_gmner_dataset
 from gmner_pipeline import runner
 from gmner_pipeline.config import load_config
 from gmner_pipeline.latest import load_latest
@@ -172,17 +172,6 @@ def test_a_stopped_worker_times_out_and_its_shard_is_retried(tmp_path, ray_local
     assert stopped == []  # the stopped worker was killed, not left behind
 
 
-def _session_processes(sid: int) -> list[psutil.Process]:
-    procs = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == sid:
-                procs.append(proc)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            continue
-    return procs
-
-
 @pytest.mark.parametrize("executor_name", ["ray", "local"])
 def test_killing_the_driver_then_rerunning_gives_every_record_once(tmp_path, executor_name):
     """kill -9 of the driver mid-run: no worker commits afterwards (they check the driver's lock before committing),
@@ -209,10 +198,10 @@ def test_killing_the_driver_then_rerunning_gives_every_record_once(tmp_path, exe
         os.kill(proc.pid, signal.SIGKILL)
         killed_at = time.time()
         proc.wait(timeout=10)
-        while (left := _session_processes(proc.pid)) and time.time() < killed_at + 15:
+        while (left := session_processes(proc.pid)) and time.time() < killed_at + 15:
             time.sleep(0.2)
     finally:
-        for orphan in _session_processes(proc.pid):
+        for orphan in session_processes(proc.pid):
             orphan.kill()
     assert left == [], [" ".join(p.cmdline())[:80] for p in left if p.is_running()]  # nothing of the run outlives it
     markers = read_markers(next(stage_root.glob("*")))
