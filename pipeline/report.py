@@ -128,7 +128,19 @@ def summary_table(result: RunResult) -> Group:
             line.append(" | ".join(f"{label} " + ", ".join(f"{k} {v}" for k, v in sorted(
                 counts.items(), key=lambda kv: (-kv[1], kv[0]))) for label, counts in parts))
             details.append(line)
-    return Group(table, *details)
+    return Group(table, *details, *_reuse_note(result))
+
+
+def _reuse_note(result: RunResult) -> list[Text]:
+    """Why a rerun's row can show calls it did not make: ``s``, ``calls`` and ``tokens`` are the output's cost."""
+    progress = list(result.stages.values())
+    reused = sum(sp.done - sp.processed_now for sp in progress)
+    if not reused:
+        return []
+    if not any(sp.processed_now or sp.repaired_now for sp in progress):
+        return [Text("every shard was reused, none computed: s, calls and tokens are what the output cost when it "
+                     "was made", style="dim")]
+    return [Text(f"s, calls and tokens count the {reused} reused shard(s) too (what the output cost)", style="dim")]
 
 
 def run_notes(result: RunResult) -> list[str]:

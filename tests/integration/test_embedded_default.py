@@ -54,5 +54,8 @@ def test_the_default_run_covers_the_whole_graph_and_a_rerun_asks_no_model(tmp_pa
     again = runner.run(config)
     assert again.ok and {name: sp.processed_now for name, sp in again.stages.items()} == dict.fromkeys(GRAPH, 0)
     assert (tmp_path / "llm-cache.sqlite").stat().st_size == cache  # no request, not even a cached one, was made
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(summary_table(again))  # its calls column is the output's cost: the summary says none were made
+    assert "every shard was reused, none computed" in " ".join(console.export_text().split())
     latest = json.loads((out / "latest.json").read_text())
     assert all(s["shards_processed_now"] == 0 for s in latest["stages"].values())
